@@ -1,0 +1,132 @@
+"""MLflow runs for pipeline stages: one run per stage, grouped under one parent run per pipeline execution.
+
+Knows nothing about DVC: the caller passes the tags (git commit, experiment name, input hashes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+PIPELINE_TAG = "baize.pipeline_id"
+STAGE_TAG = "baize.stage"
+KIND_TAG = "baize.kind"
+
+# MLflow 3 logs its own telemetry and a prompt about it; a pipeline stage has no use for either.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def default_tracking_uri(project_root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set (a team server), else SQLite `mlflow.db` at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params -> {"train.lora_r": "8"}; MLflow params are flat strings (500 chars max)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[name] = text[:500]
+    return out
+
+
+def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # An absolute artifact location keeps artifacts at the project root even when a stage runs in a
+    # `dvc exp run --temp` copy of the repo.
+    location = artifact_root.resolve().as_uri() if artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another stage process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: Mapping[str, str]) -> str:
+    """The parent run shared by all stages of one pipeline execution, created by whichever stage runs first."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' and tags.`{KIND_TAG}` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    parent_tags = {k: v for k, v in tags.items() if not k.startswith("dvc.dep.")}
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline {pipeline_id[:8]}",
+        tags={**parent_tags, PIPELINE_TAG: pipeline_id, KIND_TAG: "pipeline"},
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    *,
+    experiment: str,
+    tracking_uri: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    pipeline_id: str | None = None,
+    artifact_root: Path | None = None,
+) -> Iterator[Any]:
+    """Start the MLflow run of one stage; yields the active `mlflow.ActiveRun`.
+
+    The run gets the stage's params (flattened), the given tags, the stage name, and a parent run that
+    groups the stages of one pipeline execution (`pipeline_id`). A failing stage ends its run FAILED.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = _experiment_id(client, experiment, artifact_root)
+    all_tags = {**tags, STAGE_TAG: stage, KIND_TAG: "stage"}
+    parent = None
+    if pipeline_id:
+        all_tags[PIPELINE_TAG] = pipeline_id
+        parent = _pipeline_parent(client, experiment_id, pipeline_id, tags)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=stage, tags=all_tags, parent_run_id=parent, log_system_metrics=False
+    ) as run:
+        mlflow.log_params(flatten(params))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log the numeric leaves of a (nested) metrics dict; strings and None are skipped."""
+    import mlflow
+
+    flat = {}
+    for key, value in flatten_numbers(metrics).items():
+        flat[key.replace("/", ".")] = value
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+
+
+def flatten_numbers(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_numbers(value, f"{name}."))
+        elif isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, int | float):
+            out[name] = float(value)
+    return out

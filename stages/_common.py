@@ -1,0 +1,168 @@
+"""What every stage entrypoint shares: params loading, error handling, and MLflow tags from DVC/git.
+
+This is the only place that knows about DVC (dvc.yaml, dvc.lock, `dvc exp run` temp dirs); the library
+in src/baize/ does not.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from baize import tracking
+from baize.config import TrackingParams, load_sections
+from baize.errors import BaizeError
+
+PARAMS_FILE = "params.yaml"
+
+
+def project_root() -> Path:
+    """The real project root, also from inside a `dvc exp run --temp`/`--queue` workspace.
+
+    DVC runs those experiments in a copy of the repo under `<root>/.dvc/tmp/exps/...`; the MLflow store
+    must still be the one at `<root>`, or the runs would vanish with the copy.
+    """
+    here = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i] == ".dvc" and parts[i + 1] == "tmp" and parts[i + 2] == "exps":
+            return Path(*parts[:i])
+    return here
+
+
+def load(*sections: str):
+    """Validate the named params sections (exit 2 with one line on a bad value, before any work)."""
+    return load_sections(*sections, path=PARAMS_FILE)
+
+
+def raw_section(name: str) -> dict[str, Any]:
+    """The section as written in params.yaml (what MLflow records as the run's params)."""
+    data = yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    return data.get(name) or {}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_hashes(stage: str) -> dict[str, str]:
+    """Content hashes of the stage's deps as DVC records them in dvc.lock (`dvc.dep.<path>` tags).
+
+    Data deps are outputs of earlier stages, already locked when this stage runs; a dep that no stage
+    produces (a source file) is hashed here with DVC's file md5.
+    """
+    try:
+        spec = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+    except (OSError, KeyError, TypeError):
+        return {}
+    lock_path = Path("dvc.lock")
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) if lock_path.exists() else {}
+    locked: dict[str, str] = {}
+    for entry in (lock or {}).get("stages", {}).values():
+        for out in entry.get("outs", []):
+            if "md5" in out:
+                locked[out["path"]] = out["md5"]
+    hashes = {}
+    for dep in spec.get("deps", []):
+        dep = str(dep)
+        if dep in locked:
+            hashes[f"dvc.dep.{dep}"] = locked[dep]
+        elif Path(dep).is_file():
+            hashes[f"dvc.dep.{dep}"] = _file_md5(Path(dep))
+    return hashes
+
+
+def pipeline_id() -> str:
+    """An id shared by the stages of one `dvc repro`/`dvc exp run`, to group their runs.
+
+    `BAIZE_PIPELINE_ID` wins; otherwise the id of the nearest `dvc` ancestor process (pid + start time),
+    which every stage of one invocation has in common; a stage run by hand gets an id of its own.
+    """
+    explicit = os.environ.get("BAIZE_PIPELINE_ID")
+    if explicit:
+        return explicit
+    import psutil
+
+    proc = psutil.Process()
+    for parent in proc.parents():
+        try:
+            cmd = " ".join(parent.cmdline()[:3])
+        except psutil.Error:
+            continue
+        if "dvc" in os.path.basename(cmd.split(" ")[0]) or " -m dvc" in cmd or "/dvc " in f"{cmd} ":
+            seed = f"{parent.pid}:{parent.create_time()}"
+            break
+    else:
+        seed = f"{proc.pid}:{proc.create_time()}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:16]
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    tags = {"baize.stage": stage, **input_hashes(stage)}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        tags["dvc.exp_name"] = exp
+    return tags
+
+
+def mlflow_run(stage: str, tracking_params: TrackingParams, params_sections: tuple[str, ...]):
+    """The MLflow run of this stage, with its params sections, tags and the pipeline's parent run."""
+    root = project_root()
+    params = {name: raw_section(name) for name in params_sections}
+    return tracking.stage_run(
+        stage,
+        experiment=tracking_params.experiment,
+        tracking_uri=tracking.default_tracking_uri(root),
+        params=params,
+        tags=run_tags(stage),
+        pipeline_id=pipeline_id(),
+        artifact_root=root / "mlartifacts",
+    )
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def entrypoint(fn: Callable) -> Callable:
+    """Turn a BaizeError into its one-line message on stderr and its exit status (2 for params)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaizeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+
+    return wrapper
