@@ -131,7 +131,9 @@ def run_tags(stage: str) -> dict[str, str]:
     return tags
 
 
-def mlflow_run(stage: str, tracking_params: TrackingParams, params_sections: tuple[str, ...]):
+def mlflow_run(
+    stage: str, tracking_params: TrackingParams, params_sections: tuple[str, ...], *, system_metrics: bool = False
+):
     """The MLflow run of this stage, with its params sections, tags and the pipeline's parent run."""
     root = project_root()
     params = {name: raw_section(name) for name in params_sections}
@@ -143,6 +145,7 @@ def mlflow_run(stage: str, tracking_params: TrackingParams, params_sections: tup
         tags=run_tags(stage),
         pipeline_id=pipeline_id(),
         artifact_root=root / "mlartifacts",
+        system_metrics=system_metrics,
     )
 
 

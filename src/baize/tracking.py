@@ -64,7 +64,8 @@ def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: Mapping
     )
     if found:
         return found[0].info.run_id
-    parent_tags = {k: v for k, v in tags.items() if not k.startswith("dvc.dep.")}
+    # Only what all stages share: git commit and experiment name, not one stage's name or inputs.
+    parent_tags = {k: v for k, v in tags.items() if not k.startswith(("dvc.dep.", STAGE_TAG))}
     run = client.create_run(
         experiment_id,
         run_name=f"pipeline {pipeline_id[:8]}",
@@ -84,11 +85,13 @@ def stage_run(
     tags: Mapping[str, str],
     pipeline_id: str | None = None,
     artifact_root: Path | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
     """Start the MLflow run of one stage; yields the active `mlflow.ActiveRun`.
 
     The run gets the stage's params (flattened), the given tags, the stage name, and a parent run that
     groups the stages of one pipeline execution (`pipeline_id`). A failing stage ends its run FAILED.
+    `system_metrics` samples CPU, memory (and GPU) usage during the run (for long stages like training).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -102,7 +105,8 @@ def stage_run(
         all_tags[PIPELINE_TAG] = pipeline_id
         parent = _pipeline_parent(client, experiment_id, pipeline_id, tags)
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, tags=all_tags, parent_run_id=parent, log_system_metrics=False
+        experiment_id=experiment_id, run_name=stage, tags=all_tags, parent_run_id=parent,
+        log_system_metrics=system_metrics,
     ) as run:
         mlflow.log_params(flatten(params))
         yield run
