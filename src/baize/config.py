@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 import typing
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from baize.errors import ParamsError
 
@@ -53,26 +53,65 @@ class TrackingParams(Section):
 
 
 class SeedSource(Section):
+    """One entry of `seed.sources`: where questions come from and how much of the sample it supplies."""
+
     type: Literal["packaged", "file", "hf"] = "packaged"
-    """`packaged`: seed files shipped with baize; `file`: a local txt/jsonl/csv/parquet; `hf`: a Hub dataset."""
-    name: str = "all"
-    """Packaged set name (general, programming, medical, finance, all), a file path, or a dataset id."""
+    """`packaged`: question sets shipped with baize; `file`: a local txt/jsonl/json/csv/parquet file;
+    `hf`: a Hugging Face Hub dataset (needs network or the local datasets cache)."""
+    name: str = Field("all", min_length=1)
+    """Packaged set (`all`, `general`, `programming`, `medical`, `finance`), a file path (relative to the
+    project root; add it to the seed stage's deps in dvc.yaml), or a Hub dataset id (`quora`,
+    `pacovaldez/stackoverflow-questions`, `AnonymousSub/MedQuAD_47441_Question_Answer_Pairs`)."""
     field: str | None = None
-    """Column/key holding the question (jsonl, csv, parquet, hf)."""
-    split: str = "train"
+    """Key/column holding the question: required for jsonl/json/csv/parquet and unknown Hub datasets
+    (the paper's three have defaults). Dots reach into nested records, a number indexes a list
+    (`questions.text.0`); a list of strings gives one seed each."""
+    format: Literal["auto", "txt", "jsonl", "json", "csv", "parquet"] = "auto"
+    """File format; `auto` goes by the suffix (.txt, .jsonl/.ndjson, .json, .csv, .parquet/.pq)."""
+    split: str = Field("train", min_length=1)
+    """Hub dataset split; slices work (`train[:20000]`) and avoid reading all of a large dataset."""
+    config: str | None = None
+    """Hub dataset configuration (subset) name, if it has several."""
+    domain: str | None = None
+    """Domain label of this source's seeds. None: the packaged file's domain, the known domain of the
+    paper's Hub datasets (general/programming/medical), else `general`."""
     weight: float = Field(1.0, gt=0)
-    """Relative share of the sample drawn from this source."""
+    """Relative share of the sample drawn from this source (what one source lacks goes to the others)."""
+    limit: int | None = Field(None, ge=1)
+    """Read at most this many rows from the source (None: all)."""
+
+    @model_validator(mode="after")
+    def _packaged_name(self) -> "SeedSource":
+        allowed = ("all", "general", "programming", "medical", "finance")
+        if self.type == "packaged" and self.name not in allowed:
+            raise ValueError(f"packaged seed set {self.name!r} does not exist (allowed: {', '.join(allowed)})")
+        return self
 
 
 class SeedParams(Section):
+    """`seed`: build data/seeds/seeds.jsonl from weighted sources (see baize.seeds)."""
+
     sources: list[SeedSource] = Field(default_factory=lambda: [SeedSource()], min_length=1)
     num_seeds: int = Field(24, ge=1)
+    """Seeds to write. Fewer available: a warning, and all there are are written."""
     domains: list[str] | None = None
-    """Keep only these domains (None: all)."""
+    """Keep only seeds of these domains (None: all)."""
     min_chars: int = Field(10, ge=1)
+    """Shorter seeds (after whitespace normalization) are dropped."""
     max_chars: int = Field(400, ge=1)
-    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    """Longer seeds are dropped (a Stack Overflow title is < 150; long ones are usually pasted bodies)."""
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
+    """Drop a seed whose character-3-gram Jaccard similarity to an earlier kept one (case and punctuation
+    ignored) is at least this. 1.0: only case/punctuation/spacing variants; 0.85 also catches "What's" vs
+    "What is" and plurals; lower values start merging distinct templated questions."""
     random_seed: int = 42
+    """Sampling key: the same value picks the same seeds; raising num_seeds keeps the earlier picks."""
+
+    @model_validator(mode="after")
+    def _char_range(self) -> "SeedParams":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        return self
 
 
 class Price(Section):
@@ -81,54 +120,128 @@ class Price(Section):
 
 
 class SelfChatParams(Section):
+    """`selfchat`: how the self-chat transcripts are written (see src/baize/selfchat/)."""
+
     backend: Literal["local", "openai", "openai-batch"] = "local"
+    """`local`: models/base/ in-process with transformers, batched across seeds; `openai`: Chat Completions
+    (api.openai.com or any OpenAI-compatible server via `base_url`); `openai-batch`: the Batch API, half price."""
     mode: Literal["transcript", "turns"] = "turns"
+    """`transcript`: the paper's one call per seed; `turns`: one call per human turn and one per AI turn."""
     model: str | None = None
-    """Model name for the openai backends (e.g. gpt-3.5-turbo); the local backend uses models/base/."""
+    """Model name for the openai backends (e.g. gpt-3.5-turbo); required there. The local backend uses models/base/."""
     base_url: str | None = None
-    """Any OpenAI-compatible server (vLLM, Ollama, `transformers serve`); None: api.openai.com."""
+    """Any OpenAI-compatible server (vLLM, Ollama, `transformers serve`); None: api.openai.com.
+    The API key is read from the OPENAI_API_KEY environment variable only, never from params."""
     max_rounds: int = Field(3, ge=1, le=50)
+    """`turns` mode: at most this many human/AI rounds; the human may end earlier."""
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
-    stop: list[str] | None = None
+    """Reply budget of one call (the whole transcript in `transcript` mode, one AI turn in `turns` mode)."""
+    human_max_tokens: int | None = Field(None, ge=1)
+    """`turns` mode: reply budget of a human turn (questions are short); None: `max_tokens`."""
+    keep_truncated: bool = False
+    """`turns` mode: keep an AI turn cut by `max_tokens` (it is marked in meta) instead of dropping its pair."""
+    first_human: Literal["generate", "seed"] = "generate"
+    """`turns` mode: `generate` the first human turn from the template (the paper's way), or ask the `seed`
+    itself as the first question (question seeds; small models often answer the human prompt as the AI)."""
+    stop: list[str] | None = Field(None, max_length=3)
+    """Extra stop strings (the human-turn call always stops at `[AI]`; the API allows 4 in all)."""
     concurrency: int = Field(16, ge=1)
+    """Seeds (and so requests) in flight at once; the local backend batches them."""
     requests_per_minute: int = Field(3000, ge=1)
     tokens_per_minute: int = Field(1_000_000, ge=1)
     timeout_s: float = Field(60, gt=0)
+    """Per request; a request past it is retried."""
     max_retries: int = Field(8, ge=0)
+    """Retries of one request on 429/5xx/timeouts/dropped connections before the seed is a recorded failure."""
     batch_size: int = Field(16, ge=1)
     """Local backend: sequences generated together."""
+    batch_poll_s: float = Field(30, gt=0)
+    """openai-batch: seconds between status polls."""
     max_cost_usd: float | None = Field(None, gt=0)
+    """Stop starting new requests once the transcripts cost this much (replies reused from the journal count)."""
     max_total_tokens: int | None = Field(None, gt=0)
+    """Same, in prompt + completion tokens."""
     prices: dict[str, Price] = Field(default_factory=dict)
     """USD per million tokens by model name, for the cost metric and the budget."""
 
+    @model_validator(mode="after")
+    def _backend_needs(self) -> SelfChatParams:
+        if self.backend != "local" and not self.model:
+            raise ValueError(f"selfchat.model is required for backend {self.backend!r} (e.g. gpt-3.5-turbo)")
+        if self.backend == "openai-batch" and self.mode != "transcript":
+            raise ValueError("backend 'openai-batch' runs only mode 'transcript'")
+        if self.max_cost_usd is not None and self.backend != "local" and self.model not in self.prices:
+            raise ValueError(f"max_cost_usd needs a price for model {self.model!r} in selfchat.prices")
+        return self
+
 
 class ValidateParams(Section):
+    """`validate`: the great-expectations quality gate (src/baize/validation.py names every check).
+
+    Record-level checks reject single transcripts; the three `max_*_rate` checks are dataset-level and
+    fail the gate, not records. Bounds are in characters and turns, so they hold for any language.
+    """
+
     input: str = "data/selfchat/transcripts.jsonl"
+    """File to validate: pipeline transcripts JSONL, a released Baize JSON list, or a `messages` JSONL."""
     input_format: Literal["auto", "transcripts", "baize-json", "messages"] = "auto"
+    """`auto` sniffs the file: `[` starts a Baize JSON list; a JSONL line with `messages` is a messages file."""
     min_turns: int = Field(2, ge=2)
+    """Fewest turns (not pairs) a transcript may have; 2 = one human/AI exchange."""
     max_turns: int = Field(40, ge=2)
     min_turn_chars: int = Field(1, ge=1)
+    """Shortest turn, in characters after stripping whitespace."""
     max_turn_chars: int = Field(8000, ge=1)
     max_duplicate_rate: float = Field(0.05, ge=0, le=1)
+    """Share of transcripts whose turns repeat an earlier transcript's (the copies are also rejected)."""
     max_refusal_rate: float = Field(0.5, ge=0, le=1)
+    """Share of AI turns opening with a refusal or an "As an AI language model" disclaimer."""
     max_seed_echo_rate: float = Field(0.5, ge=0, le=1)
+    """Share of human turns that only repeat the seed."""
     min_pass_rate: float = Field(0.5, ge=0, le=1)
+    """Accepted share below which the stage exits non-zero (after writing all outputs)."""
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"as an ai\b",
+            r"i(?:'m| am) (?:sorry|afraid),? but i",
+            r"sorry,? (?:but )?i (?:can(?:not|'t)|am unable|'m unable|am not able|'m not able)",
+            r"i (?:cannot|can't|am unable to|'m unable to|am not able to|'m not able to|won't) "
+            r"(?:help|assist|provide|answer|comply|fulfil)",
+        ]
+    )
+    """Regexes (case-insensitive) matched at the start of an AI turn that count it as a refusal. English by
+    default; add your data's language."""
 
 
 class TokenizeParams(Section):
+    """`tokenize`: Baize training text -> token ids and loss labels, split train/val (see baize/tokenization.py)."""
+
     max_length: int = Field(512, ge=16)
+    """Samples are cut to this many tokens, BOS included (512 in the paper, 1024 for v2). Never padded."""
     loss: Literal["all", "ai_only"] = "ai_only"
-    """`all`: Baize v1, loss on the whole text; `ai_only`: v1.5, loss on AI turns and their end marker."""
-    val_size: float | int = Field(0.1, gt=0)
-    """A fraction (< 1) or a count of transcripts held out for validation (2,000 in the paper)."""
+    """`all`: Baize v1, loss on the whole text; `ai_only`: v1.5, loss on each AI turn plus the `[|Human|]`
+    marker that ends it (so the model learns to stop)."""
+    val_size: float | int = Field(0.2, gt=0)
+    """A fraction in (0, 1), rounded up, or an integer count of transcripts held out for validation
+    (2,000 in the paper). Both splits must keep at least one sample."""
     random_seed: int = 42
+    """Seed of the train/val shuffle-split: same transcripts + same seed = same split."""
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size_kind(cls, value: float | int) -> float | int:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError("a fraction must be < 1; write a count as an integer (e.g. 2000)")
+        return value
 
 
 class TrainParams(Section):
+    """`train`: int8 LoRA fine-tuning (paper defaults: r 8, alpha 16, dropout 0.05 on q,k,v,gate,up,down)."""
+
     precision: Literal["int8", "bf16", "fp32"] = "int8"
+    """Frozen base weights: `int8` (bitsandbytes LLM.int8, the paper's recipe), or bf16/fp32 for comparison."""
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -136,28 +249,75 @@ class TrainParams(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
     )
     micro_batch_size: int = Field(4, ge=1)
+    """Samples per forward/backward pass per process."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """Effective batch = micro_batch_size x gradient_accumulation_steps x num_processes (64 in the paper)."""
     num_processes: int = Field(1, ge=1)
+    """> 1: the stage re-runs itself under `accelerate launch` (DDP; gloo on CPU)."""
+    accelerate_config: str | None = None
+    """An `accelerate config` YAML (e.g. configs/accelerate/deepspeed_zero2.yaml) used when num_processes > 1;
+    None: plain DDP."""
     num_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1)
     """-1: run `num_epochs`; otherwise stop after this many optimizer steps."""
-    learning_rate: float = Field(2e-4, gt=0, le=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1e4)
+    """Peak learning rate (linear warm-up, then linear decay). 2e-4 / 1e-4 / 5e-5 for 7B / 13B / 30B."""
     warmup_steps: int = Field(100, ge=0)
     eval_steps: int = Field(50, ge=1)
+    """Evaluate on the validation split every N optimizer steps (and once before and after training)."""
     save_steps: int = Field(50, ge=1)
+    """Checkpoint into models/checkpoints/<fingerprint>/ every N optimizer steps (a re-run resumes from it)."""
     logging_steps: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
+    """Recompute each layer's activations in the backward pass instead of keeping all of them: several times
+    less peak memory for ~30% more compute (see benchmarks/train_throughput.py)."""
     seed: int = 42
+
+
+class JudgeParams(Section):
+    """`evaluate.judge`: the optional LLM judge (reference answer first, both scored 1-10)."""
+
+    enabled: bool = False
+    backend: Literal["openai", "local"] = "openai"
+    """openai: the API or any OpenAI-compatible `base_url` (key from OPENAI_API_KEY only); local: models/base."""
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    reference: str = "judge"
+    """judge: the judge's own answer is the reference; base: the base model's answer."""
+    max_tokens: int = Field(256, ge=1)
+    concurrency: int = Field(4, ge=1)
+    cache: str = "reports/eval/judge_journal.jsonl"
+    """Journal of judge requests/answers, so a re-run re-pays nothing."""
 
 
 class EvaluateParams(Section):
+    """`evaluate`: perplexity base vs adapter on the val split, generations, format metrics, optional judge."""
+
     prompts: str = "packaged:vicuna80"
-    num_prompts: int = Field(16, ge=0)
-    max_new_tokens: int = Field(128, ge=1)
+    """`packaged:vicuna80` (80 shipped questions in 9 categories) or a .txt (one per line) / .jsonl ("text") file."""
+    num_prompts: int | None = Field(12, ge=0)
+    """Questions taken from `prompts`, spread over the categories; null: all."""
+    heldout_prompts: int = Field(4, ge=0)
+    """Also ask the first human turn of this many validation transcripts (held-out seeds)."""
+    max_new_tokens: int = Field(96, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
+    """Baize's demo samples with temperature 1 and top-p 0.95; 0 means greedy."""
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
+    """Prompts generated together."""
     seed: int = 42
+    """Sampling seed; batch i uses seed + i, the same for base and adapter."""
+    max_context_tokens: int = Field(2048, ge=64)
+    """Prompt budget; older turns are dropped beyond it (the Baize demo's default)."""
+    ppl_batch_size: int = Field(4, ge=1)
+    max_ppl_samples: int | None = Field(None, ge=1)
+    """Validation transcripts used for perplexity; null: all."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    judge: JudgeParams = Field(default_factory=JudgeParams)
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    """lm-evaluation-harness task names (needs `pip install lm-eval` and the task data); empty: skipped."""
+    lm_eval_limit: int | None = Field(20, ge=1)
+    """Examples per lm-eval task; null: all."""
 
 
 SECTIONS: dict[str, type[Section]] = {
