@@ -46,7 +46,8 @@ class Transcript(BaseModel):
             ensure_ascii=False,
             separators=(",", ":"),
         )
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        # surrogatepass: a lone surrogate (from a JSON "\ud800" escape) must reach validation, not crash here.
+        return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     @classmethod
     def create(

@@ -1,0 +1,54 @@
+"""Stage `validate`: the great-expectations quality gate over `validate.input`.
+
+Writes accepted transcripts, rejected records (each with the checks it failed), metrics and the GX Data
+Docs site, logs them to MLflow, and only then exits non-zero if the gate fails, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from baize import tracking as baize_tracking
+from baize.validation import GateError, check_params, load_transcripts, validate, write_outputs
+from stages import _common
+
+DOCS_SUBDIR = "data_docs"  # under --report; carries timestamps, so it is neither a DVC output nor in git
+
+
+@click.command()
+@click.option("--out", "out_dir", default="data/validated", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--report", "report_dir", default="reports/validation", show_default=True, type=click.Path(path_type=Path)
+)
+@_common.entrypoint
+def main(out_dir: Path, report_dir: Path) -> None:
+    params, tracking = _common.load("validate", "tracking")
+    check_params(params)  # bad regex or crossed bounds: exit 2 before reading anything
+    transcripts, fmt = load_transcripts(params.input, params.input_format)
+    docs_dir = report_dir / DOCS_SUBDIR
+    report = validate(transcripts, params, docs_dir=docs_dir)
+    paths = write_outputs(report, out_dir, report_dir)
+
+    with _common.mlflow_run("validate", tracking, ("validate",)) as run:
+        import mlflow
+
+        mlflow.set_tag("baize.validate.input_format", fmt)
+        baize_tracking.log_metrics(report.metrics())
+        if tracking.log_artifacts:
+            mlflow.log_artifact(str(paths["metrics"]), "validation")
+            mlflow.log_artifact(str(paths["rejected"]), "validation")
+            mlflow.log_artifacts(str(docs_dir), "validation/data_docs")
+        click.echo(
+            f"validate: {report.summary()}\n"
+            f"  accepted -> {paths['accepted']}, rejected -> {paths['rejected']}, "
+            f"Data Docs -> {docs_dir / 'index.html'} (mlflow run {run.info.run_id})"
+        )
+        if not report.gate_passed:
+            # Inside the run, so it ends FAILED; the outputs above are already written.
+            raise GateError(f"validation gate failed: {report.summary()}")
+
+
+if __name__ == "__main__":
+    main()

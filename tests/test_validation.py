@@ -1,0 +1,528 @@
+"""The validate stage: every bad kind of transcript is rejected for its own reason and kept, clean data
+passes whole (the released Baize fixtures included), bad files name file:line, and the gate exits
+non-zero only after writing every output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from baize.config import ValidateParams
+from baize.errors import InputError
+from baize.formats import export_baize_json, to_messages
+from baize.selfchat_parse import parse_selfchat
+from baize.transcript import Transcript, Turn, write_jsonl
+from baize.validation import CHECKS, load_transcripts, validate, write_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared/fixtures/baize-original"
+P = ValidateParams()
+
+
+def make(pairs, seed="How do plants make food?", **kw) -> Transcript:
+    """pairs: [(role, text), ...]"""
+    return Transcript.create(seed=seed, turns=[Turn(role=r, text=t) for r, t in pairs], source="test", **kw)
+
+
+def clean_set(n: int = 12) -> list[Transcript]:
+    """Varied, valid transcripts: several languages, tabs/newlines, brackets that are not role markers."""
+    out = []
+    for i in range(n):
+        turns = [
+            ("human", f"Question {i}: how does photosynthesis work in plant number {i}?"),
+            ("ai", f"Plants turn light into sugar.\n\tStep 1 [see note {i}]: light is absorbed by chlorophyll."),
+        ]
+        if i % 3 == 0:
+            turns += [
+                ("human", f"광합성은 왜 중요한가요? ({i})"),
+                ("ai", f"광합성은 산소를 만듭니다. [AI-generated note {i}]"),
+            ]
+        if i % 4 == 1:
+            turns += [("human", f"And at night, case {i}?"), ("ai", "As an AI language model, I'd say: respiration.")]
+        out.append(make(turns, seed=f"Photosynthesis question {i}"))
+    return out
+
+
+# One transcript per bad kind, and the exact set of checks it must fail (turn indices where per turn).
+BAD = {
+    "id_present": (
+        Transcript(
+            id="", seed="s", source="test", turns=[Turn(role="human", text="hi"), Turn(role="ai", text="hello")]
+        ),
+        {"id_present": []},
+    ),
+    "roles_valid": (
+        Transcript.model_construct(
+            id="badrole000000000",
+            seed="s",
+            seed_id=None,
+            source="test",
+            meta={},
+            turns=[Turn(role="human", text="hi"), Turn.model_construct(role="assistant", text="hello")],
+        ),
+        {"roles_valid": [1], "ends_with_ai": []},
+    ),
+    "starts_with_human": (
+        make([("ai", "Hi there."), ("human", "Tell me about owls."), ("ai", "Owls hunt at night.")]),
+        {"starts_with_human": []},
+    ),
+    "ends_with_ai": (
+        make([("human", "Tell me about owls."), ("ai", "Owls hunt at night."), ("human", "And by day?")]),
+        {"ends_with_ai": []},
+    ),
+    "roles_alternate": (
+        make([("human", "Tell me about owls."), ("human", "Please?"), ("ai", "Owls hunt at night.")]),
+        {"roles_alternate": []},
+    ),
+    "too_many_turns": (
+        make([("human", f"q{i}") if i % 2 == 0 else ("ai", f"a{i}") for i in range(P.max_turns + 2)]),
+        {"turn_count": []},
+    ),
+    "no_turns": (make([]), {"starts_with_human": [], "ends_with_ai": [], "turn_count": []}),
+    "empty_turn": (
+        make([("human", "Tell me about owls."), ("ai", "  \n ")]),
+        {"turn_not_empty": [1], "turn_length": [1]},
+    ),
+    "long_turn": (make([("human", "Tell me about owls."), ("ai", "o" * (P.max_turn_chars + 1))]), {"turn_length": [1]}),
+    "role_markers": (
+        make(
+            [
+                ("human", "a [Human] b"),
+                ("ai", "c [AI] d"),
+                ("human", "e [|Human|] f"),
+                ("ai", "g\n[|AI|] h"),
+                ("human", "fine"),
+                ("ai", "fine too"),
+            ]
+        ),
+        {"no_role_markers": [0, 1, 2, 3]},
+    ),
+    "replacement_char": (make([("human", "Tell me about owls."), ("ai", "Owls \ufffd hunt.")]), {"valid_utf8": [1]}),
+    # As read from a JSONL line with a "\ud800" escape (content_id can't hash it, so no make()).
+    "lone_surrogate": (
+        Transcript(
+            id="surrogate0000000",
+            seed="s",
+            source="test",
+            turns=[Turn(role="human", text="Tell me \ud800 about owls."), Turn(role="ai", text="Owls hunt.")],
+        ),
+        {"valid_utf8": [0]},
+    ),
+    "control_chars": (
+        make([("human", "Tell me\x00 about owls."), ("ai", "Owls \x1b[31mhunt\x1b[0m.")]),
+        {"no_control_chars": [0, 1]},
+    ),
+    # The same dialogue as clean_set()[0] under another seed: a duplicate (the first copy stays accepted).
+    "duplicate": (None, {"duplicate": []}),
+    # An exact copy: same content id, so also not id-unique.
+    "exact_copy": (None, {"duplicate": [], "id_unique": []}),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Clean records with one bad record of each kind in between; validated once, Data Docs built."""
+    clean = clean_set()
+    bad = dict(BAD)
+    bad["duplicate"] = (
+        clean[0].model_copy(update={"seed": "another seed", "id": "dup0000000000000"}),
+        BAD["duplicate"][1],
+    )
+    bad["exact_copy"] = (clean[1].model_copy(), BAD["exact_copy"][1])
+    records, where = [], {}
+    for i, t in enumerate(clean):
+        records.append(t)
+        if i < len(bad):
+            kind, (bad_t, _) = list(bad.items())[i]
+            where[kind] = len(records)
+            records.append(bad_t)
+    for kind, (bad_t, _) in list(bad.items())[len(clean) :]:
+        where[kind] = len(records)
+        records.append(bad_t)
+    tmp = tmp_path_factory.mktemp("mixed")
+    params = ValidateParams(min_pass_rate=0.0, max_duplicate_rate=1.0)
+    report = validate(records, params, docs_dir=tmp / "report/data_docs")
+    paths = write_outputs(report, tmp / "out", tmp / "report")
+    return {"records": records, "where": where, "clean": clean, "report": report, "paths": paths, "tmp": tmp}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_each_bad_kind_is_rejected_for_its_reasons_and_kept(mixed, kind):
+    row = mixed["where"][kind]
+    rejected = {
+        json.loads(line)["index"]: json.loads(line)
+        for line in mixed["paths"]["rejected"].read_text("utf-8").splitlines()
+    }
+    assert row in rejected, f"{kind} was accepted"
+    rec = rejected[row]
+    expected = BAD[kind][1]
+    assert rec["failed"] == [name for name in CHECKS if name in expected]  # exactly these, in check order
+    assert rec["failed_turns"] == {k: v for k, v in expected.items() if v}
+    # The record is kept whole: it reads back as the very transcript that went in.
+    original = mixed["records"][row]
+    assert rec["id"] == original.id
+    assert rec["transcript"]["turns"] == [t.model_dump() for t in original.turns]
+    assert rec["transcript"]["seed"] == original.seed
+
+
+def test_clean_records_all_accepted(mixed):
+    report = mixed["report"]
+    accepted_ids = [json.loads(line)["id"] for line in mixed["paths"]["accepted"].read_text("utf-8").splitlines()]
+    assert accepted_ids == [t.id for t in mixed["clean"]]
+    assert len(report.rejected()) == len(BAD)
+    m = json.loads(mixed["paths"]["metrics"].read_text())
+    assert (m["records"], m["accepted"], m["rejected"]) == (len(mixed["records"]), len(mixed["clean"]), len(BAD))
+    assert m["checks"]["no_role_markers"] == {
+        "failed": 1,
+        "pass_rate": round(1 - 1 / m["records"], 6),
+        "failed_turns": 4,
+    }
+    assert m["checks"]["duplicate_rate"]["observed"] == pytest.approx(2 / m["records"], abs=1e-6)
+    assert set(m["checks"]) == set(CHECKS)
+
+
+def test_clean_set_passes_whole(tmp_path):
+    clean = clean_set(20)
+    report = validate(clean, P)
+    assert report.rejected() == [] and report.accepted == clean
+    assert report.gate_passed
+    # One AI turn in four of the i%4==1 transcripts opens with "As an AI language model": counted, tolerated.
+    refusal = next(r for r in report.checks if r.check.name == "refusal_rate")
+    assert 0 < refusal.observed < P.max_refusal_rate
+
+
+def _dataset_report(kind: str):
+    clean = clean_set(10)
+    if kind == "duplicate_rate":
+        records = clean + [t.model_copy() for t in clean[:2]]
+    elif kind == "refusal_rate":
+        openings = [
+            "As an AI language model, I can't know.",
+            "I'm sorry, but I cannot help with that.",
+            "I cannot assist with that request.",
+        ]
+        records = [
+            make(
+                [("human", f"Question {i}?"), ("ai", openings[i % 3] if i < 7 else "Sure: here it is.")],
+                seed=f"topic {i}",
+            )
+            for i in range(10)
+        ]
+    else:  # seed_echo_rate: human turns that only repeat the seed (case and punctuation aside)
+        records = [
+            make([("human", f"WHAT is topic {i}"), ("ai", "It is a topic.")], seed=f"What is topic {i}?")
+            for i in range(10)
+        ]
+        records += clean[:4]
+    return validate(records, P), len(records)
+
+
+@pytest.mark.parametrize("kind", ["duplicate_rate", "refusal_rate", "seed_echo_rate"])
+def test_dataset_level_rates_fail_the_gate_not_the_records(kind):
+    report, n = _dataset_report(kind)
+    failing = [r.check.name for r in report.dataset_failures()]
+    assert failing == [kind]
+    assert not report.gate_passed
+    m = report.metrics()
+    assert m["checks"][kind]["passed"] is False and m["checks"][kind]["observed"] > m["checks"][kind]["max"]
+    assert kind in report.summary()
+    # Only the duplicate copies are rejected (for "duplicate"); refusals and seed echoes reject no record.
+    expected_rejected = 2 if kind == "duplicate_rate" else 0
+    assert len(report.rejected()) == expected_rejected
+    assert all(r["failed"] == ["id_unique", "duplicate"] for r in report.rejected())
+
+
+def test_refusal_patterns_param_is_used():
+    records = [make([("human", f"q{i}?"), ("ai", "죄송하지만 도와드릴 수 없습니다.")], seed=f"t{i}") for i in range(3)]
+    assert validate(records, P).gate_passed  # the English defaults do not flag Korean text
+    korean = ValidateParams(refusal_patterns=[*P.refusal_patterns, "죄송하지만"])
+    assert [r.check.name for r in validate(records, korean).dataset_failures()] == ["refusal_rate"]
+
+
+# --------------------------------------------------------------------------- released Baize data
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures absent")
+def test_released_baize_fixtures_pass_whole():
+    transcripts = []
+    for name in ["english_records.json", "quora_ko_selfchat_300.json"]:
+        loaded, fmt = load_transcripts(FIXTURES / name)
+        assert fmt == "baize-json"
+        transcripts += loaded
+    assert len(transcripts) == 305
+    report = validate(transcripts, P)
+    assert [r["failed"] for r in report.rejected()] == []
+    assert report.gate_passed and report.pass_rate == 1.0
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures absent")
+def test_parsed_raw_reply_passes_with_its_disclaimers_counted():
+    raw = json.loads((FIXTURES / "raw_selfchat_response.json").read_text("utf-8"))
+    turns = parse_selfchat(raw["raw_response"]).turns
+    report = validate([Transcript.create(seed=raw["seed"], turns=turns, source="raw")], P)
+    assert report.rejected() == [] and report.gate_passed
+    refusal = next(r for r in report.checks if r.check.name == "refusal_rate")
+    assert refusal.observed == pytest.approx(3 / 8)  # three AI turns open with "As an AI language model"
+
+
+# --------------------------------------------------------------------------- input formats and bad files
+
+
+def test_each_input_format_is_sniffed_and_read(tmp_path):
+    clean = clean_set(4)
+    write_jsonl(tmp_path / "t.jsonl", clean)
+    export_baize_json(clean, tmp_path / "b.json")
+    with_seed = [
+        json.dumps({"id": t.id, "seed": t.seed, "messages": to_messages(t)}, ensure_ascii=False) for t in clean
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(with_seed) + "\n", encoding="utf-8")
+    bare = [json.dumps({"messages": to_messages(t)}, ensure_ascii=False) for t in clean]
+    (tmp_path / "bare.jsonl").write_text("\n".join(bare) + "\n", encoding="utf-8")
+    for name, fmt in [
+        ("t.jsonl", "transcripts"),
+        ("b.json", "baize-json"),
+        ("m.jsonl", "messages"),
+        ("bare.jsonl", "messages"),
+    ]:
+        loaded, got = load_transcripts(tmp_path / name)
+        assert got == fmt, name
+        assert [t.turns for t in loaded] == [t.turns for t in clean], name
+    seeded, _ = load_transcripts(tmp_path / "m.jsonl")
+    assert [t.id for t in seeded] == [t.id for t in clean]  # seed kept, so the content ids match
+    # Without a seed, the first user message becomes the seed, and is not counted as an echo of itself.
+    bare_loaded, _ = load_transcripts(tmp_path / "bare.jsonl")
+    echo = next(r for r in validate(bare_loaded, P).checks if r.check.name == "seed_echo_rate")
+    assert echo.observed == 0.0
+
+
+def _good_line() -> str:
+    return clean_set(1)[0].to_json_line()
+
+
+BAD_FILES = {
+    "truncated_json": (
+        lambda: (_good_line() + "\n" + _good_line()[:40] + "\n").encode(),
+        "transcripts",
+        2,
+        "truncated JSON",
+    ),
+    "invalid_utf8": (
+        lambda: (_good_line() + "\n").encode() + b'{"id": "\xff\xfe"}\n',
+        "transcripts",
+        2,
+        "invalid UTF-8",
+    ),
+    "missing_field": (
+        lambda: (
+            _good_line()
+            + "\n\n"
+            + json.dumps({k: v for k, v in json.loads(_good_line()).items() if k != "seed"})
+            + "\n"
+        ).encode(),
+        "transcripts",
+        3,
+        "seed",
+    ),
+    "empty": (lambda: b"", "auto", None, "empty file"),
+    "blank_lines": (lambda: b"\n  \n", "auto", None, "empty file"),
+    "empty_list": (lambda: b"[]", "auto", None, "empty file"),
+    "baize_truncated": (lambda: b'[\n {"topic": "x",\n  "input": "The conv', "auto", 3, "invalid JSON"),
+    "baize_bad_input": (lambda: b'[\n {"topic": "x", "input": "no markers here"}\n]', "auto", 2, "input"),
+    "messages_bad_role": (
+        lambda: (
+            b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "robot", "content": "x"}]}\n'
+        ),
+        "auto",
+        2,
+        "robot",
+    ),
+    "not_json": (lambda: b"\n\nhello world\n", "auto", 3, "unrecognized format"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_input_files_name_file_and_line(tmp_path, kind):
+    make_bytes, fmt, line, words = BAD_FILES[kind]
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(make_bytes())
+    with pytest.raises(InputError) as err:
+        load_transcripts(path, fmt)
+    where = f"{path}:{line}:" if line else f"{path}:"
+    assert str(err.value).startswith(where), str(err.value)
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _project(tmp_path: Path, records: list[Transcript], **params) -> Path:
+    write_jsonl(tmp_path / "data/selfchat/transcripts.jsonl", records)
+    section = {"input": "data/selfchat/transcripts.jsonl", **params}
+    (tmp_path / "params.yaml").write_text(
+        json.dumps({"validate": section, "tracking": {"experiment": "test", "log_artifacts": True}}), encoding="utf-8"
+    )
+    return tmp_path
+
+
+def _run_stage(project: Path, monkeypatch):
+    from stages.validate import main
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    monkeypatch.setenv("BAIZE_PIPELINE_ID", "test-pipeline")
+    return CliRunner().invoke(main, ["--out", "data/validated", "--report", "reports/validation"])
+
+
+def _mlflow_run(project: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("test")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`baize.stage` = 'validate'")
+    assert len(runs) == 1
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "validation")}
+    return runs[0], artifacts
+
+
+def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
+    clean = clean_set(6)
+    project = _project(tmp_path, clean + [BAD["long_turn"][0]])
+    result = _run_stage(project, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert len((project / "data/validated/transcripts.jsonl").read_text().splitlines()) == 6
+    assert json.loads((project / "data/validated/rejected.jsonl").read_text())["failed"] == ["turn_length"]
+    metrics = json.loads((project / "reports/validation/metrics.json").read_text())
+    assert metrics["gate_passed"] is True and metrics["accepted"] == 6
+    assert (project / "reports/validation/data_docs/index.html").is_file()
+    run, artifacts = _mlflow_run(project)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["accepted"] == 6 and run.data.metrics["checks.turn_length.failed"] == 1
+    assert run.data.params["validate.input"] == "data/selfchat/transcripts.jsonl"
+    assert {"validation/metrics.json", "validation/rejected.jsonl", "validation/data_docs"} <= artifacts
+
+
+def test_gate_exits_non_zero_after_writing_everything(tmp_path, monkeypatch):
+    bad = [make([("human", f"q{i} [AI] forged"), ("ai", "x")], seed=f"s{i}") for i in range(5)]
+    project = _project(tmp_path, clean_set(3) + bad + [BAD["empty_turn"][0]], min_pass_rate=0.8)
+    result = _run_stage(project, monkeypatch)
+    assert result.exit_code == 1
+    assert "validation gate failed: 3/9 accepted" in result.output
+    assert "no_role_markers (5)" in result.output and "turn_not_empty (1)" in result.output
+    assert "Traceback" not in result.output
+    # Everything is on disk for the user to look at.
+    assert len((project / "data/validated/transcripts.jsonl").read_text().splitlines()) == 3
+    assert len((project / "data/validated/rejected.jsonl").read_text().splitlines()) == 6
+    metrics = json.loads((project / "reports/validation/metrics.json").read_text())
+    assert metrics["gate_passed"] is False and metrics["pass_rate"] == pytest.approx(3 / 9, abs=1e-6)
+    assert (project / "reports/validation/data_docs/index.html").is_file()
+    run, artifacts = _mlflow_run(project)
+    assert run.info.status == "FAILED" and "validation/rejected.jsonl" in artifacts
+
+
+def test_stage_bad_file_gives_one_line_and_no_traceback(tmp_path):
+    project = _project(tmp_path, clean_set(2))
+    src = project / "data/selfchat/transcripts.jsonl"
+    src.write_bytes(src.read_bytes()[:-30])  # truncate the last line
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.validate"], cwd=project, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: data/selfchat/transcripts.jsonl:2: invalid or truncated JSON"
+    )
+    assert not (project / "data/validated").exists()
+
+
+def test_bad_params_exit_2_before_reading(tmp_path, monkeypatch):
+    project = _project(tmp_path, clean_set(2), refusal_patterns=["(unclosed"])
+    result = _run_stage(project, monkeypatch)
+    assert result.exit_code == 2 and "validate.refusal_patterns.0" in result.output
+
+
+# --------------------------------------------------------------------------- Data Docs in a browser
+
+
+class _Text(HTMLParser):
+    """Visible text of a page (script and style dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.skip, self.parts = 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.skip += tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self.skip -= tag in ("script", "style")
+
+    def handle_data(self, data):
+        if not self.skip and data.strip():
+            self.parts.append(data.strip())
+
+
+def _browser() -> str | None:
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def _render(browser: str, page: Path) -> str:
+    """The page's DOM after load, as headless Chromium sees it (offline: no network, no profile)."""
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--dump-dom",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parser = _Text()
+    parser.feed(proc.stdout)
+    return " | ".join(parser.parts)
+
+
+def test_data_docs_site_has_the_suite_results(mixed):
+    docs = mixed["tmp"] / "report/data_docs"
+    pages = {p.name: p for p in (docs / "validations").rglob("*.html")}
+    assert set(pages) == {"baize-records.html", "baize-turns.html"}
+    html = pages["baize-turns.html"].read_text("utf-8")
+    assert "no_role_markers: no [Human]/[AI]" in html and "turn_length: every turn has [1, 8000]" in html
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium (apt-get install -y --no-install-recommends chromium)")
+def test_data_docs_open_in_headless_chromium(mixed):
+    docs = mixed["tmp"] / "report/data_docs"
+    index = _render(_browser(), docs / "index.html")
+    assert "Data Docs" in index and "Validation Results" in index
+    turns_page = next((docs / "validations").rglob("baize-turns.html"))
+    text = _render(_browser(), turns_page)
+    assert "Expectation Suite: | baize_turns" in text
+    assert "Status: | Failed" in text
+    for name in ("no_role_markers", "valid_utf8", "no_control_chars", "turn_length", "refusal_rate"):
+        assert f"{name}: " in text
