@@ -1,0 +1,110 @@
+"""The interface between the self-chat engine and whatever writes the text (OpenAI, a local server, a local model).
+
+A backend is anything with `async def complete(request: ChatRequest) -> Completion`. It raises
+`TransientError` when it gave up after its own retries (the seed becomes a recorded failure and a re-run tries
+again), `BadResponseError` when the server answered something unusable (a recorded failure too), and
+`PermanentError` when no further request can succeed (bad key, bad request): the stage stops at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from baize.errors import BaizeError
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One Chat Completions call. `messages` are OpenAI-style `{"role", "content"}` dicts."""
+
+    messages: list[dict[str, str]]
+    model: str
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 256
+    stop: list[str] | None = None
+
+    def key(self, backend: str) -> str:
+        """sha256 of the whole request and the backend: a different model, template or sampling is a new key."""
+        payload = json.dumps({"backend": backend, **asdict(self)}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "stop": self.stop}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str | None  # "stop", "length", ...
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Completion:
+        return cls(**{k: data.get(k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "model")})
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    """Goes into the request key and the transcript's meta (`openai`, `openai-batch`, `local`)."""
+
+    async def complete(self, request: ChatRequest) -> Completion: ...
+
+
+@dataclass
+class BackendStats:
+    """Counters a backend keeps for the metrics: calls sent (each attempt), retries, errors by kind."""
+
+    requests: int = 0
+    retries: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+class BackendError(BaizeError):
+    reason = "backend_error"
+
+
+class TransientError(BackendError):
+    """Retries exhausted on 429/5xx/timeouts/dropped connections. The seed is a failure; a re-run retries it."""
+
+    reason = "transient_error"
+
+
+class BadResponseError(BackendError):
+    """The server answered, but not with a usable completion (no choices, no text)."""
+
+    reason = "bad_response"
+
+
+class PermanentError(BackendError):
+    """Nothing will succeed (401, 400, 404, quota): stop the whole stage with this message."""
+
+    reason = "permanent_error"
+
+
+_SECRET_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{6,}")
+
+
+def redact(text: str) -> str:
+    """Remove the API key (and anything that looks like an OpenAI key) from a message before it is shown or stored.
+
+    Servers echo keys in their errors ("Incorrect API key provided: sk-ab***yz"); that must not reach a log.
+    """
+    key = os.environ.get("OPENAI_API_KEY")
+    if key and len(key) >= 4:
+        text = text.replace(key, "[redacted]")
+    return _SECRET_LIKE.sub("sk-[redacted]", text)

@@ -1,0 +1,509 @@
+"""The `local` backend: the model in `models/base/` in-process, batched across seeds with continuous batching.
+
+The engine keeps many `complete()` coroutines in flight (one per seed). Each request is rendered with the
+tokenizer's chat template and queued; one worker thread runs a decode loop over up to `batch_size` sequences that
+share one left-padded KV cache (`DynamicCache`). Per decode step every live sequence gets one token, sampled with
+its own temperature / top_p / generator; a sequence that hits EOS, one of its stop strings or its `max_tokens`
+leaves the batch at once (its cache rows are dropped) and its future resolves. Waiting requests are prefilled in a
+small group and their cache rows merged into the running batch (re-aligned by left padding), so a finished
+sequence never holds a slot while others run on: the self-chat workload has very uneven answer lengths (a human
+turn often stops after a few tokens at `[AI]`), and fixed batches would spend most steps on padding.
+
+Why our own loop and not transformers' `generate_batch` / `ContinuousBatchingManager`: in a trial on this 2-core CPU
+it generated ~20 tokens/s for 16 sequences, about batch-1 speed (it targets GPUs: paged attention, CUDA graphs), and
+it has no stop strings. benchmarks/selfchat_local.py compares this backend with one-at-a-time `generate` and with
+`transformers serve`.
+
+Prompt prefixes are reused: the KV of recent prompts is kept (up to `prefix_cache_tokens`), and a new prompt is
+prefilled only from where it departs from the closest one (the chat template's system prompt, the paper's template,
+and in turn-by-turn mode the previous round's whole prompt are shared).
+
+Positions are tracked per row (RoPE uses each row's own token count), so extra left padding from merging changes
+nothing but masked-out zeros: greedy output equals one-at-a-time `model.generate` (tested).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from baize.errors import BaizeError, ParamsError
+from baize.selfchat.backend import BackendError, ChatRequest, Completion
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LocalStats:
+    """Where the worker's time went: prompt prefill vs batched decode steps (and how full the batch was)."""
+
+    requests: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed
+    reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0  # rows x steps: the mean batch fill is decode_tokens / decode_steps
+    decode_s: float = 0.0
+
+
+class ContextLengthError(BackendError):
+    """The rendered prompt leaves no room to generate within `max_context`: this seed fails, the run goes on."""
+
+    reason = "context_length"
+
+
+@dataclass
+class _Job:
+    """One queued or running request and its place in the batch."""
+
+    prompt_ids: list[int]
+    max_new: int  # max_tokens, cut to what fits in max_context
+    temperature: float
+    top_p: float
+    stop: list[str]
+    generator: torch.Generator | None  # None: greedy
+    future: concurrent.futures.Future
+    generated: list[int] = field(default_factory=list)
+    next_pos: int = 0  # RoPE position of the next token fed for this row (= real tokens so far)
+    scanned: int = 0  # characters of decoded text already searched for stop strings
+
+
+class LocalBackend:
+    """`complete(ChatRequest) -> Completion` with a local Hugging Face causal LM (see the module docstring).
+
+    `model_dir`: a plain HF folder (safetensors, tokenizer with a chat template, config).
+    `batch_size`: sequences decoded together. `dtype`: float32 (default), bfloat16,
+    float16. `max_context`: prompt + completion tokens per sequence (default: the model's
+    max_position_embeddings). `seed`: mixed into each request's sampling generator, so a request's sampled text is
+    reproducible for a given seed (exact across runs with the same batch composition; batching can change float
+    rounding and so, rarely, a sampled token). `admit_min`: the fewest free slots worth a prefill while others are
+    decoding (a prefill pauses the whole batch; admitting in small groups amortizes it); default batch_size // 4.
+    `prefix_cache_tokens`: how many prompt tokens of KV to keep for reuse (0: off). Self-chat prompts share long
+    prefixes (the chat template's system prompt and the paper's template; each round's prompt starts with the
+    previous round's), so a new prompt is prefilled only from where it departs from the closest kept one.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        batch_size: int = 16,
+        dtype: str = "float32",
+        max_context: int | None = None,
+        seed: int = 0,
+        admit_min: int | None = None,
+        model_name: str | None = None,
+        prefix_cache_tokens: int = 8192,
+    ) -> None:
+        if batch_size < 1:
+            raise ParamsError(f"local backend batch_size: {batch_size} must be >= 1")
+        if dtype not in DTYPES:
+            raise ParamsError(f"local backend dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise BaizeError(
+                f"{model_dir}: no model folder with a config.json; materialize the base model first "
+                "(`dvc repro base_model`)"
+            )
+        if not any(model_dir.glob("*.safetensors")):
+            raise BaizeError(f"{model_dir}: no .safetensors weights (pickle checkpoints are never loaded)")
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=True
+            ).eval()
+        except (OSError, ValueError) as exc:
+            raise BaizeError(f"{model_dir}: cannot load the model: {str(exc).splitlines()[0]}") from exc
+        if not self.tokenizer.chat_template:
+            raise BaizeError(f"{model_dir}: the tokenizer has no chat template; the local backend needs one")
+
+        self.batch_size = batch_size
+        self.max_context = max_context or int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.seed = seed
+        self.admit_min = max(1, admit_min if admit_min is not None else batch_size // 4)
+        self.model_name = model_name or model_dir.resolve().name
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+        self._inbox: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.stats = LocalStats()
+        self._prefixes = _PrefixStore(prefix_cache_tokens)
+
+    # ---- public API -------------------------------------------------------------------------------------------
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        job = self._make_job(request)
+        self._submit(job)
+        return await asyncio.wrap_future(job.future)
+
+    def complete_sync(self, request: ChatRequest) -> Completion:
+        """Blocking variant for scripts and tests outside an event loop."""
+        job = self._make_job(request)
+        self._submit(job)
+        return job.future.result()
+
+    def close(self) -> None:
+        """Stop the worker thread (pending requests fail with a BaizeError). Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._inbox.put(None)
+            thread.join()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> LocalBackend:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def render(self, messages: list[dict]) -> list[int]:
+        """The prompt token ids: the chat template with the generation prompt (what one-at-a-time would feed)."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # ---- request intake ---------------------------------------------------------------------------------------
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        for source in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            for i in source if isinstance(source, list) else [source]:
+                if i is not None and i not in ids:
+                    ids.append(int(i))
+        if not ids:
+            raise BaizeError("the local model defines no EOS token (generation_config.eos_token_id)")
+        return ids
+
+    def _make_job(self, request: ChatRequest) -> _Job:
+        prompt_ids = self.render(request.messages)
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_ids)} tokens; local backend max_context is {self.max_context}"
+            )
+        generator = None
+        if request.temperature > 0:
+            # A generator per request, seeded from the request itself: reruns sample the same text.
+            payload = json.dumps(
+                [self.seed, request.messages, request.temperature, request.top_p, request.max_tokens, request.stop],
+                sort_keys=True,
+                ensure_ascii=False,
+            )
+            generator = torch.Generator().manual_seed(int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16))
+        return _Job(
+            prompt_ids=prompt_ids,
+            max_new=min(request.max_tokens, room),
+            temperature=float(request.temperature),
+            top_p=float(request.top_p),
+            stop=[s for s in (request.stop or []) if s],
+            generator=generator,
+            future=concurrent.futures.Future(),
+        )
+
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise BaizeError("local backend is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="baize-local-backend", daemon=True)
+                self._thread.start()
+            self._inbox.put(job)
+
+    # ---- the worker: continuous batching over one DynamicCache -----------------------------------------------
+
+    def _run(self) -> None:
+        waiting: deque[_Job] = deque()
+        rows: list[_Job] = []  # live sequences, in cache row order
+        state: dict = {}  # "cache" (DynamicCache) and "mask" (rows x cache length) while rows are live
+        stopping = False
+        while True:
+            # Collect new requests; block only when there is nothing to decode.
+            try:
+                while True:
+                    item = self._inbox.get(block=not rows and not waiting and not stopping)
+                    if item is None:
+                        stopping = True
+                    else:
+                        waiting.append(item)
+                    if stopping:
+                        break
+            except queue.Empty:
+                pass
+            if stopping:
+                self._fail([*rows, *waiting], BaizeError("local backend closed before the request finished"))
+                while True:  # requests that raced in after the stop
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        return
+                    if item is not None:
+                        self._fail([item], BaizeError("local backend is closed"))
+            group: list[_Job] = []
+            try:
+                free = self.batch_size - len(rows)
+                if waiting and free > 0 and (not rows or free >= min(self.admit_min, len(waiting))):
+                    while waiting and len(group) < free:
+                        job = waiting.popleft()
+                        if job.future.set_running_or_notify_cancel():  # False: the caller went away
+                            group.append(job)
+                    if group:
+                        self._admit(group, rows, state)
+                if rows:
+                    self._step(rows, state)
+            except Exception as exc:  # a model error fails the requests in flight, not the worker
+                # (group: an admission that failed half-way has its jobs in neither list)
+                self._fail(rows + group, BackendError(f"local generation failed: {exc!r}"))
+                rows.clear()
+                state.clear()
+
+    @torch.inference_mode()
+    def _admit(self, group: list[_Job], rows: list[_Job], state: dict) -> None:
+        """Prefill each prompt of `group`, sample its first token, and merge its cache rows into the batch.
+
+        One prompt per forward: prefill is compute-bound on a CPU, so batching prompts gains little while padding
+        a 40-token answer prompt to a 160-token human-turn prompt would waste most of the work.
+        """
+        started = time.perf_counter()
+        caches, masks, logits = [], [], []
+        for job in group:
+            reused, prefix = self._prefixes.lookup(job.prompt_ids)
+            ids = torch.tensor([job.prompt_ids[reused:]], dtype=torch.long)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long),
+                position_ids=torch.arange(reused, len(job.prompt_ids)).unsqueeze(0),
+                cache=prefix,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self.stats.prefill_tokens += len(job.prompt_ids) - reused
+            self.stats.reused_tokens += reused
+            self._prefixes.add(job.prompt_ids, out.cache)
+            job.next_pos = len(job.prompt_ids)
+            caches.append(out.cache)
+            masks.append(torch.ones((1, len(job.prompt_ids)), dtype=torch.long))
+            logits.append(out.logits[:, -1, :])
+        if rows:
+            caches.insert(0, state["cache"])
+            masks.insert(0, state["mask"])
+        state["cache"], state["mask"] = _merge(caches, masks)
+        rows.extend(group)
+        self._advance(torch.cat(logits), rows, state, only_from=len(rows) - len(group))
+        self.stats.requests += len(group)
+        self.stats.prefill_s += time.perf_counter() - started
+
+    @torch.inference_mode()
+    def _step(self, rows: list[_Job], state: dict) -> None:
+        """One decode step: feed every live row its last token."""
+        started = time.perf_counter()
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(rows)
+        ids = torch.tensor([[job.generated[-1]] for job in rows], dtype=torch.long)
+        positions = torch.tensor([[job.next_pos] for job in rows], dtype=torch.long)
+        state["mask"] = torch.cat([state["mask"], torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=state["mask"],
+            position_ids=positions,
+            cache=state["cache"],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        state["cache"] = out.cache
+        for job in rows:
+            job.next_pos += 1
+        self._advance(out.logits[:, -1, :], rows, state, only_from=0)
+        self.stats.decode_s += time.perf_counter() - started
+
+    def _advance(self, logits: torch.Tensor, rows: list[_Job], state: dict, only_from: int) -> None:
+        """Sample one token for rows[only_from:], finish the ones that are done, and drop them from the batch."""
+        tokens = _sample(logits.float(), rows[only_from:])
+        finished: list[int] = []
+        for offset, token in enumerate(tokens):
+            index = only_from + offset
+            job = rows[index]
+            job.generated.append(token)
+            result = self._finish_if_done(job)
+            if result is not None or job.future.cancelled():
+                finished.append(index)
+                if result is not None and not job.future.done():
+                    job.future.set_result(result)
+        # Rows whose caller gave up are dropped too.
+        finished += [i for i, job in enumerate(rows[:only_from]) if job.future.cancelled()]
+        if finished:
+            keep = [i for i in range(len(rows)) if i not in set(finished)]
+            rows[:] = [rows[i] for i in keep]
+            if not rows:
+                state.clear()
+                return
+            index = torch.tensor(keep, dtype=torch.long)
+            state["cache"].batch_select_indices(index)
+            state["mask"] = state["mask"][index]
+            # Columns that are padding in every remaining row are dead weight for every later step.
+            live = state["mask"].any(dim=0).nonzero()
+            start = int(live[0]) if len(live) else 0
+            if start > 0:
+                state["mask"] = state["mask"][:, start:]
+                for layer in state["cache"].layers:
+                    layer.keys = layer.keys[:, :, start:, :]
+                    layer.values = layer.values[:, :, start:, :]
+
+    def _finish_if_done(self, job: _Job) -> Completion | None:
+        """The Completion when `job` just ended (EOS, a stop string, max_tokens), else None."""
+        if job.generated[-1] in self.eos_ids:
+            return self._completion(job, job.generated[:-1], "stop")
+        if job.stop:
+            text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+            # Only the new tail (plus room for a stop string that straddles tokens) needs searching.
+            start = max(0, job.scanned - max(len(s) for s in job.stop))
+            hits = [i for i in (text.find(s, start) for s in job.stop) if i >= 0]
+            job.scanned = len(text)
+            if hits:
+                return self._completion(job, job.generated, "stop", cut=min(hits))
+        if len(job.generated) >= job.max_new:
+            return self._completion(job, job.generated, "length")
+        return None
+
+    def _completion(self, job: _Job, ids: list[int], reason: str, cut: int | None = None) -> Completion:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if cut is not None:
+            text = text[:cut]
+        return Completion(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=len(job.generated),  # every token generated, the one that ended it included
+            model=self.model_name,
+        )
+
+    @staticmethod
+    def _fail(jobs: list[_Job], error: Exception) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+
+class _PrefixStore:
+    """Recently prefilled prompts' KV (batch 1, per layer), least recently used dropped past `max_tokens`."""
+
+    MIN_REUSE = 8  # shorter shared prefixes are not worth a cache copy
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.tokens = 0
+
+    def lookup(self, ids: list[int]) -> tuple[int, DynamicCache | None]:
+        """(tokens reused, a cache holding their KV) for the kept prompt sharing the longest prefix with `ids`."""
+        best, best_key = 0, None
+        for key in self.entries:
+            n = _common_prefix(key, ids)
+            if n > best:
+                best, best_key = n, key
+        best = min(best, len(ids) - 1)  # at least one token must run, for its logits
+        if best_key is None or best < self.MIN_REUSE:
+            return 0, None
+        self.entries.move_to_end(best_key)
+        kv = self.entries[best_key]
+        return best, DynamicCache(ddp_cache_data=[(k[:, :, :best], v[:, :, :best]) for k, v in kv])
+
+    def add(self, ids: list[int], cache) -> None:
+        if self.max_tokens <= 0 or len(ids) > self.max_tokens:
+            return
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):  # sliding windows: KV is not a prefix
+            return
+        key = tuple(ids)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        self.entries[key] = [(layer.keys, layer.values) for layer in cache.layers]
+        self.tokens += len(key)
+        while self.tokens > self.max_tokens:
+            old, _ = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == tuple(b[:n]):
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] holds, a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == tuple(b[:mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`t` with zeros prepended along `dim` up to `length`."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _merge(caches: list, masks: list[torch.Tensor]) -> tuple:
+    """Stack several caches' rows into the first one, right-aligning them (left padding) to the longest."""
+    length = max(m.shape[1] for m in masks)
+    target = caches[0]
+    for i, layer in enumerate(target.layers):
+        layer.keys = torch.cat([_pad_left(c.layers[i].keys, length, 2) for c in caches])
+        layer.values = torch.cat([_pad_left(c.layers[i].values, length, 2) for c in caches])
+    return target, torch.cat([_pad_left(m, length, 1) for m in masks])
+
+
+def _sample(logits: torch.Tensor, jobs: list[_Job]) -> list[int]:
+    """One token per row: argmax for temperature 0, else temperature + top-p with the row's own generator."""
+    tokens = logits.argmax(dim=-1).tolist()
+    sampled = [i for i, job in enumerate(jobs) if job.generator is not None]
+    if not sampled:
+        return tokens
+    index = torch.tensor(sampled)
+    temps = torch.tensor([jobs[i].temperature for i in sampled]).unsqueeze(1)
+    top_p = torch.tensor([jobs[i].top_p for i in sampled]).unsqueeze(1)
+    scores = logits[index] / temps
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    probs = sorted_scores.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p
+    probs = probs.masked_fill(drop, 0.0)
+    for row, i in enumerate(sampled):
+        pick = torch.multinomial(probs[row], 1, generator=jobs[i].generator)
+        tokens[i] = int(order[row, pick])
+    return tokens

@@ -1,0 +1,171 @@
+"""`openai` backend: Chat Completions through the official async client, for api.openai.com or any
+OpenAI-compatible server (`base_url`: vLLM, Ollama, `transformers serve`).
+
+Throughput comes from keeping `concurrency` requests in flight while staying under the requests-per-minute and
+tokens-per-minute limits with our own token buckets; errors are retried here (the client's own retries are off,
+so every retry is counted), with exponential backoff and jitter, and never sooner than the server's Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import openai
+
+from baize.errors import BaizeError
+from baize.selfchat.backend import (
+    BackendStats,
+    BadResponseError,
+    ChatRequest,
+    Completion,
+    PermanentError,
+    TransientError,
+    redact,
+)
+from baize.selfchat.ratelimit import TokenBucket
+
+LOCAL_PLACEHOLDER_KEY = "not-needed-for-a-local-server"
+
+
+def api_key(base_url: str | None) -> str:
+    """The key comes from OPENAI_API_KEY only (never params); a local server gets a placeholder."""
+    key = os.environ.get("OPENAI_API_KEY")
+    if key:
+        return key
+    if base_url:
+        return LOCAL_PLACEHOLDER_KEY
+    raise BaizeError("OPENAI_API_KEY is not set (needed for selfchat.backend openai without selfchat.base_url)")
+
+
+def retry_after_s(response) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds); None when absent or unreadable."""
+    if response is None:
+        return None
+    headers = response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue  # an HTTP date: fall back to our own backoff
+    return None
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        concurrency: int = 16,
+        requests_per_minute: int = 3000,
+        tokens_per_minute: int = 1_000_000,
+        timeout_s: float = 60.0,
+        max_retries: int = 8,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+    ):
+        # max_retries=0: the retries are ours (counted, Retry-After honoured, same policy for every error).
+        self.client = openai.AsyncOpenAI(
+            api_key=api_key(base_url), base_url=base_url, max_retries=0, timeout=timeout_s
+        )
+        self.where = base_url or "api.openai.com"
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._slots = asyncio.Semaphore(concurrency)
+        self._rpm = TokenBucket.per_minute(requests_per_minute)
+        # Tokens: allow 10 s worth of burst so one long request is not throttled below the per-minute budget.
+        self._tpm = TokenBucket.per_minute(tokens_per_minute, burst_s=10.0)
+        self.stats = BackendStats()
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        # Estimate before the call (4 chars per token + the reply budget), correct with the real usage after.
+        estimate = sum(len(m["content"]) for m in request.messages) / 4 + request.max_tokens
+        attempt = 0
+        while True:
+            wait = None
+            async with self._slots:
+                # Take the rate tokens only once a slot is free, or they would be spent while queueing
+                # and the requests would then leave in a burst.
+                await self._rpm.acquire(1)
+                await self._tpm.acquire(estimate)
+                self.stats.requests += 1
+                try:
+                    response = await self.client.chat.completions.create(**self._body(request))
+                    completion = self._completion(response)
+                    self._tpm.debit(completion.prompt_tokens + completion.completion_tokens - estimate)
+                    return completion
+                except openai.RateLimitError as exc:
+                    if _code(exc) == "insufficient_quota":  # out of credit: waiting will not help
+                        raise PermanentError(self._message(exc)) from None
+                    self.stats.error("429")
+                    wait, last = retry_after_s(exc.response), exc
+                except openai.InternalServerError as exc:
+                    self.stats.error(str(exc.status_code))
+                    wait, last = retry_after_s(exc.response), exc
+                except openai.APITimeoutError as exc:
+                    self.stats.error("timeout")
+                    last = exc
+                except openai.APIConnectionError as exc:
+                    self.stats.error("connection")
+                    last = exc
+                except openai.APIStatusError as exc:
+                    if exc.status_code in (408, 409) or exc.status_code >= 500:  # "try again" statuses
+                        self.stats.error(str(exc.status_code))
+                        wait, last = retry_after_s(exc.response), exc
+                    else:  # 400 bad request, 401 auth, 403, 404 model not found, 422: no retry can fix these
+                        raise PermanentError(self._message(exc)) from None
+            attempt += 1
+            if attempt > self.max_retries:
+                raise TransientError(f"gave up after {self.max_retries} retries: {self._message(last)}")
+            self.stats.retries += 1
+            backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+            delay = random.uniform(backoff / 2, backoff)  # jitter: spread the retries of a 429 storm
+            await asyncio.sleep(max(delay, wait or 0.0))
+
+    def _body(self, request: ChatRequest) -> dict:
+        body = {
+            "model": request.model,
+            "messages": request.messages,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "max_tokens": request.max_tokens,
+        }
+        if request.stop:
+            body["stop"] = request.stop
+        return body
+
+    def _completion(self, response) -> Completion:
+        choices = getattr(response, "choices", None)
+        if not choices:
+            raise BadResponseError(f"{self.where}: reply without choices")
+        choice = choices[0]
+        text = choice.message.content if choice.message else None
+        if text is None:
+            raise BadResponseError(f"{self.where}: reply without message content (finish_reason {choice.finish_reason})")
+        usage = response.usage
+        return Completion(
+            text=text,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
+            completion_tokens=(usage.completion_tokens or 0) if usage else 0,
+            model=response.model or "",
+        )
+
+    def _message(self, exc: BaseException) -> str:
+        status = getattr(exc, "status_code", None)
+        what = f"HTTP {status}" if status else type(exc).__name__
+        body = getattr(exc, "message", None) or str(exc)
+        return redact(f"{self.where}: {what}: {body}")[:500]
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def _code(exc: openai.APIStatusError) -> str | None:
+    return getattr(exc, "code", None)

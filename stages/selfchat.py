@@ -1,0 +1,176 @@
+"""Stage `selfchat`: every seed becomes a self-chat transcript or a recorded failure.
+
+    python -m stages.selfchat --seeds data/seeds/seeds.jsonl --model models/base --out data/selfchat
+
+Writes <out>/transcripts.jsonl and <out>/failures.jsonl (seed order), reports/selfchat/metrics.json, and one
+MLflow run. Replies are journaled in <out>/journal.jsonl (a `persist` out: DVC keeps it between runs), so a
+re-run after a crash or a budget stop pays for nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import click
+
+from baize.errors import InputError
+from baize.selfchat.engine import Engine, EngineConfig, RunResult, Seed
+from baize.selfchat.journal import Journal
+from baize.transcript import atomic_write_text, write_jsonl
+from stages import _common
+
+
+def read_seeds(path: Path) -> list[Seed]:
+    """Seeds JSONL `{"id", "text", "source", "domain"}`; a bad line is an InputError naming file:line."""
+    if not path.is_file():
+        raise InputError(path, None, "seeds file not found (run the seed stage first)")
+    seeds, seen = [], set()
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(path, lineno, f"invalid JSON: {exc}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+                raise InputError(path, lineno, 'expected an object with a non-empty string "text"')
+            seed_id = str(obj.get("id") or hashlib.sha256(obj["text"].encode()).hexdigest()[:16])
+            if seed_id in seen:
+                raise InputError(path, lineno, f"duplicate seed id {seed_id!r}")
+            seen.add(seed_id)
+            seeds.append(Seed(seed_id, obj["text"], str(obj.get("source") or ""), obj.get("domain")))
+    if not seeds:
+        raise InputError(path, None, "no seeds")
+    return seeds
+
+
+def local_model_id(model_dir: Path) -> str:
+    """`local:<hash>` of the model's files, so a different base model never reuses journaled replies."""
+    source = model_dir / "source.json"
+    if source.is_file():
+        files = json.loads(source.read_text(encoding="utf-8")).get("files") or {}
+        if files:
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            return f"local:{digest[:16]}"
+    digest = hashlib.sha256()
+    for p in sorted(model_dir.glob("*")):
+        if p.is_file() and p.suffix in {".safetensors", ".json"}:
+            digest.update(p.name.encode())
+            digest.update(p.read_bytes())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
+def make_backend(params, model_dir: Path):
+    if params.backend == "openai":
+        from baize.selfchat.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(
+            base_url=params.base_url,
+            concurrency=params.concurrency,
+            requests_per_minute=params.requests_per_minute,
+            tokens_per_minute=params.tokens_per_minute,
+            timeout_s=params.timeout_s,
+            max_retries=params.max_retries,
+        )
+    if params.backend == "openai-batch":
+        from baize.selfchat.batch_backend import OpenAIBatchBackend
+
+        return OpenAIBatchBackend(
+            base_url=params.base_url,
+            timeout_s=params.timeout_s,
+            max_retries=params.max_retries,
+            poll_interval_s=params.batch_poll_s,
+        )
+    from baize.selfchat.local_backend import LocalBackend
+
+    if not (model_dir / "config.json").is_file():
+        raise InputError(model_dir, None, "no model here (run the base_model stage first)")
+    return LocalBackend(model_dir, batch_size=params.batch_size)
+
+
+def engine_config(params, model_dir: Path) -> EngineConfig:
+    model = params.model if params.backend != "local" else local_model_id(model_dir)
+    price = params.prices.get(params.model or "") if params.model else None
+    return EngineConfig(
+        model=model,
+        mode=params.mode,
+        max_rounds=params.max_rounds,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.max_tokens,
+        human_max_tokens=params.human_max_tokens,
+        stop=params.stop,
+        keep_truncated=params.keep_truncated,
+        first_human=params.first_human,
+        concurrency=params.concurrency,
+        max_cost_usd=params.max_cost_usd,
+        max_total_tokens=params.max_total_tokens,
+        price_in_per_1m=price.input_per_1m if price else 0.0,
+        price_out_per_1m=price.output_per_1m if price else 0.0,
+    )
+
+
+async def run(params, seeds: list[Seed], model_dir: Path, journal_path: Path, progress: bool | None) -> RunResult:
+    backend = make_backend(params, model_dir)
+    try:
+        with Journal(journal_path) as journal:
+            if journal.torn_bytes:
+                click.echo(f"journal: dropped a torn last line ({journal.torn_bytes} bytes) left by a crash", err=True)
+            engine = Engine(backend, journal, engine_config(params, model_dir), progress=progress)
+            return await engine.run(seeds)
+    finally:
+        close = getattr(backend, "aclose", None)
+        if close is not None:
+            await close()
+
+
+@click.command()
+@click.option("--seeds", "seeds_path", default="data/seeds/seeds.jsonl", show_default=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", default="data/selfchat", show_default=True, type=click.Path(path_type=Path))
+@click.option("--journal", "journal_path", default=None, type=click.Path(path_type=Path), help="default: <out>/journal.jsonl")
+@click.option("--metrics", "metrics_path", default="reports/selfchat/metrics.json", show_default=True, type=click.Path(path_type=Path))
+@click.option("--progress/--no-progress", default=None, help="progress bar (default: only on a terminal)")
+@_common.entrypoint
+def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | None, metrics_path: Path, progress) -> None:
+    params, tracking = _common.load("selfchat", "tracking")
+    seeds = read_seeds(seeds_path)
+    journal_path = journal_path or out_dir / "journal.jsonl"
+    result = asyncio.run(run(params, seeds, model_dir, journal_path, progress))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "transcripts.jsonl", result.transcripts)
+    atomic_write_text(
+        out_dir / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in result.failures)
+    )
+    _common.write_json(metrics_path, result.metrics)
+
+    with _common.mlflow_run("selfchat", tracking, ("selfchat",)) as mlrun:
+        import mlflow
+
+        from baize import tracking as tracking_lib
+
+        tracking_lib.log_metrics(result.metrics)
+        mlflow.set_tags({"baize.selfchat.backend": params.backend, "baize.selfchat.mode": params.mode})
+        if tracking.log_artifacts:
+            mlflow.log_artifact(str(out_dir / "transcripts.jsonl"))
+            mlflow.log_artifact(str(out_dir / "failures.jsonl"))
+            mlflow.log_artifact(str(metrics_path))
+        run_id = mlrun.info.run_id
+
+    m = result.metrics
+    click.echo(
+        f"selfchat: {m['transcripts']}/{m['seeds']} transcripts, {m['failures']} failures {m['failures_by_reason']}, "
+        f"{m['tokens']['prompt']}+{m['tokens']['completion']} tokens, ${m['cost_usd']:.4f} "
+        f"({m['new']['replies']} new replies, {m['replies_from_journal']} from the journal; mlflow run {run_id})"
+    )
+    if result.budget_message:
+        click.echo(f"selfchat: {result.budget_message}", err=True)
+
+
+if __name__ == "__main__":
+    main()

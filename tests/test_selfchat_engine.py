@@ -1,0 +1,259 @@
+"""Self-chat engine + openai/openai-batch backends against the stub server: every error path, budget, journal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from baize.selfchat import prompts
+from baize.selfchat.backend import ChatRequest, Completion, PermanentError
+from baize.selfchat.batch_backend import OpenAIBatchBackend
+from baize.selfchat.engine import Engine, EngineConfig, Seed
+from baize.selfchat.journal import Journal
+from baize.selfchat.openai_backend import OpenAIBackend
+from baize.selfchat.ratelimit import TokenBucket
+from baize.errors import InputError
+from selfchat_stub import StubServer
+
+pytestmark = pytest.mark.timeout(60)
+
+SENTINEL = "sk-test-SENTINEL-key-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
+
+
+def seeds(n: int) -> list[Seed]:
+    return [Seed(f"s{i:03d}", f"topic {i}", "test", "general") for i in range(n)]
+
+
+def run(stub, tmp_path, n=6, *, journal="j.jsonl", backend_kw=None, **cfg):
+    """Run the engine over n seeds with a fresh backend; returns (result, backend)."""
+    kw = {"concurrency": 4, "backoff_base_s": 0.01, "timeout_s": 5, **(backend_kw or {})}
+
+    async def go():
+        backend = OpenAIBackend(base_url=stub.url, **kw)
+        try:
+            with Journal(tmp_path / journal) as j:
+                engine = Engine(backend, j, EngineConfig(model="stub", **{"mode": "transcript", **cfg}), progress=False)
+                return await engine.run(seeds(n)), backend
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(go())
+
+
+def test_template_is_the_papers_verbatim():
+    text = prompts.transcript_messages("how do vaccines work?")
+    assert len(text) == 1 and text[0]["role"] == "user"  # one user message, no system message
+    content = text[0]["content"]
+    assert content.startswith("Forget the instruction you have previously received. The following is a conversation")
+    assert "chatting about the topic: 'how do vaccines work?'. Human statements start with [Human]" in content
+    assert content.endswith("Complete the transcript in exactly that format.\n[Human] Hello!\n[AI] Hi! How can I help you?")
+    assert prompts.selfchat_prompt("costs $5 ${SEED}").count("costs $5 ${SEED}") == 1  # seeds go in unchanged
+    human = prompts.human_turn_messages("x", [])[0]["content"]
+    assert human.endswith("[AI] Hi! How can I help you?\n[Human] ")
+
+
+def test_transcript_mode_keeps_pairs_raw_and_seed_order(tmp_path):
+    with StubServer(latency_s=0.02) as stub:
+        result, backend = run(stub, tmp_path, n=8)
+    assert [t.seed_id for t in result.transcripts] == [s.id for s in seeds(8)]
+    t = result.transcripts[0]
+    assert [x.role for x in t.turns] == ["human", "ai", "human", "ai"]
+    assert t.meta["raw"][0]["text"].endswith("[Human] Thanks")  # raw reply kept beside the parsed turns
+    assert [d["reason"] for d in t.meta["dropped"]] == ["trailing_incomplete"]
+    assert t.meta["backend"] == "openai" and t.meta["model"] == "stub" and t.meta["usage"]["requests"] == 1
+    assert result.failures == [] and result.metrics["requests"] == 8 and result.metrics["retries"] == 0
+    assert any(SENTINEL in h for h in stub.state.auth_headers)  # the key from the environment was used
+
+
+def test_turns_mode_stops_when_the_human_is_done(tmp_path):
+    with StubServer(human_rounds=2) as stub:
+        result, _ = run(stub, tmp_path, n=3, mode="turns", max_rounds=3)
+        assert sum(stub.counts.values()) == 3 * 5  # 2 rounds of (human, ai) + the human call that ends it
+    t = result.transcripts[0]
+    assert [x.text for x in t.turns] == [
+        "Question 1 about topic 0?", "Answer to: Question 1 about topic 0?",
+        "Question 2 about topic 0?", "Answer to: Question 2 about topic 0?",
+    ]
+    assert t.meta["ended"] == "human_done" and len(t.meta["raw"]) == 5
+    with StubServer(human_rounds=5) as stub:
+        result, _ = run(stub, tmp_path, n=2, journal="j2.jsonl", mode="turns", max_rounds=1)
+    assert [len(t.turns) for t in result.transcripts] == [2, 2]
+    assert result.transcripts[0].meta["ended"] == "max_rounds"
+
+
+def test_429_with_retry_after_is_retried_not_sooner(tmp_path):
+    with StubServer(script=lambda body, n: "429" if n == 1 else "ok") as stub:
+        start = time.monotonic()
+        result, backend = run(stub, tmp_path, n=4)
+        elapsed = time.monotonic() - start
+    assert len(result.transcripts) == 4 and result.failures == []
+    assert backend.stats.retries == 4 and backend.stats.errors == {"429": 4}
+    assert elapsed >= 1.0  # Retry-After: 1 honoured although our own backoff (10 ms) is shorter
+
+
+def test_500_and_dropped_connection_are_retried(tmp_path):
+    with StubServer(script=lambda body, n: "500" if n <= 2 else "ok") as stub:
+        result, backend = run(stub, tmp_path, n=3)
+    assert len(result.transcripts) == 3 and backend.stats.errors == {"500": 6}
+    # A server that is not there at all: connection errors, retried, then a recorded failure per seed.
+    with StubServer() as stub:
+        url = stub.url
+    result, backend = run(type("Gone", (), {"url": url})(), tmp_path, n=2, journal="j2.jsonl",
+                          backend_kw={"max_retries": 2})
+    assert [f["reason"] for f in result.failures] == ["transient_error"] * 2
+    assert backend.stats.errors == {"connection": 6}
+
+
+def test_hang_past_the_timeout_is_retried(tmp_path):
+    with StubServer(script=lambda body, n: "hang" if n == 1 else "ok", hang_s=10) as stub:
+        start = time.monotonic()
+        result, backend = run(stub, tmp_path, n=2, backend_kw={"timeout_s": 0.5})
+        assert time.monotonic() - start < 5
+    assert len(result.transcripts) == 2 and backend.stats.errors == {"timeout": 2}
+
+
+def test_retries_exhausted_is_a_failure_and_a_rerun_pays_only_for_it(tmp_path):
+    bad = {"topic 1"}
+    script = lambda body, n: "500" if any(b in body["messages"][0]["content"] for b in bad) else "ok"  # noqa: E731
+    with StubServer(script=script) as stub:
+        result, _ = run(stub, tmp_path, n=3, backend_kw={"max_retries": 2})
+        assert [(f["seed_id"], f["reason"]) for f in result.failures] == [("s001", "transient_error")]
+        assert "500" in result.failures[0]["detail"]
+        bad.clear()  # the server recovers
+        before = sum(stub.counts.values())
+        result, _ = run(stub, tmp_path, n=3)
+        assert sum(stub.counts.values()) - before == 1  # only the failed seed is requested again
+    assert len(result.transcripts) == 3 and result.metrics["replies_from_journal"] == 2
+
+
+def test_malformed_and_empty_replies_are_recorded_failures(tmp_path):
+    def script(body, n):
+        content = body["messages"][0]["content"]
+        return "malformed" if "topic 1'" in content else "empty_choices" if "topic 2'" in content else "ok"
+
+    with StubServer(script=script) as stub:
+        result, _ = run(stub, tmp_path, n=4)
+    reasons = {f["seed_id"]: f["reason"] for f in result.failures}
+    assert reasons == {"s001": "no_complete_pair", "s002": "bad_response"}
+    assert "I am sorry" in result.failures[0]["detail"]  # the reply is shown, so the cause is visible
+    assert len(result.transcripts) == 2 and set(result.failures[0]) == {"seed_id", "seed", "reason", "detail"}
+
+
+@pytest.mark.parametrize("status", ["401", "400"])
+def test_permanent_errors_stop_at_once_without_leaking_the_key(tmp_path, status):
+    with StubServer(latency_s=0.05, script=lambda body, n: status) as stub:
+        with pytest.raises(PermanentError) as info:
+            run(stub, tmp_path, n=50)
+        assert sum(stub.counts.values()) <= 4  # at most the requests already in flight, not one per seed
+    message = str(info.value)
+    assert f"HTTP {status}" in message and SENTINEL not in message and "SENTINEL" not in message
+
+
+def test_budget_stops_cleanly_and_a_bigger_budget_resumes(tmp_path):
+    with StubServer() as stub:
+        result, _ = run(stub, tmp_path, n=10, concurrency=1, max_total_tokens=400)
+        done = len(result.transcripts)
+        assert 0 < done < 10 and result.metrics["budget_exhausted"]
+        assert {f["reason"] for f in result.failures} == {"budget_exhausted"} and len(result.failures) == 10 - done
+        assert "budget reached" in result.budget_message and "max_total_tokens" in result.budget_message
+        before = sum(stub.counts.values())
+        result, _ = run(stub, tmp_path, n=10, concurrency=1, max_total_tokens=10_000)
+        assert sum(stub.counts.values()) - before == 10 - done  # kept replies are not paid again
+    assert len(result.transcripts) == 10 and not result.metrics["budget_exhausted"]
+
+
+def test_cost_from_the_price_table(tmp_path):
+    with StubServer() as stub:
+        result, _ = run(stub, tmp_path, n=2, price_in_per_1m=1.0, price_out_per_1m=2.0)
+    tok = result.metrics["tokens"]
+    assert result.metrics["cost_usd"] == pytest.approx((tok["prompt"] * 1 + tok["completion"] * 2) / 1e6)
+
+
+def test_a_new_model_or_sampling_is_not_served_from_the_journal(tmp_path):
+    req = ChatRequest(messages=[{"role": "user", "content": "x"}], model="a")
+    assert req.key("openai") != ChatRequest(messages=req.messages, model="b").key("openai")
+    assert req.key("openai") != ChatRequest(messages=req.messages, model="a", temperature=0.1).key("openai")
+    assert req.key("openai") != req.key("openai-batch")
+    with StubServer() as stub:
+        run(stub, tmp_path, n=2)
+        run(stub, tmp_path, n=2, temperature=0.2)
+        assert sum(stub.counts.values()) == 4
+
+
+def test_journal_tolerates_a_torn_last_line_and_refuses_corruption(tmp_path):
+    path = tmp_path / "j.jsonl"
+    with Journal(path) as j:
+        j.record("k1", Completion("a", "stop", 1, 2, "m"))
+        j.record("k2", Completion("b", "stop", 1, 2, "m"))
+    with path.open("ab") as fh:
+        fh.write(b'{"key":"k3","reply":{"te')  # kill -9 in the middle of a write
+    with Journal(path) as j:
+        assert set(j.replies) == {"k1", "k2"} and j.torn_bytes > 0
+        j.record("k3", Completion("c", "stop", 1, 2, "m"))
+    with Journal(path) as j:
+        assert j.get("k3").text == "c" and j.torn_bytes == 0
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join([lines[0], b"garbage", *lines[1:]]) + b"\n")
+    with pytest.raises(InputError, match=r"j.jsonl:2: corrupt journal line"):
+        Journal(path).open()
+
+
+def test_one_writer_per_journal(tmp_path):
+    with Journal(tmp_path / "j.jsonl"):
+        with pytest.raises(Exception, match="another selfchat run"):
+            Journal(tmp_path / "j.jsonl").open()
+
+
+def test_token_bucket_paces_requests():
+    async def go():
+        bucket = TokenBucket.per_minute(1200)  # 20/s, 20 saved up
+        start = time.monotonic()
+        for _ in range(40):
+            await bucket.acquire()
+        return time.monotonic() - start
+
+    assert 0.9 <= asyncio.run(go()) < 2.0
+
+
+def test_openai_batch_resumes_the_recorded_batch_instead_of_resubmitting(tmp_path):
+    async def go(stub, wait_s):
+        backend = OpenAIBatchBackend(base_url=stub.url, poll_interval_s=0.05)
+        try:
+            with Journal(tmp_path / "j.jsonl") as j:
+                engine = Engine(backend, j, EngineConfig(model="stub", mode="transcript"), progress=False)
+                return await asyncio.wait_for(engine.run(seeds(5)), wait_s)
+        finally:
+            await backend.aclose()
+
+    with StubServer() as stub:
+        with pytest.raises(TimeoutError):  # interrupted while the batch is still in progress
+            asyncio.run(go(stub, 1.0))
+        entries = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
+        assert entries == [{"batch": "batch_1", "keys": entries[0]["keys"]}] and len(entries[0]["keys"]) == 5
+        stub.state.batch_release.set()
+        result = asyncio.run(go(stub, 20))
+        assert stub.state.batch_creates == 1  # polled the recorded batch, paid once
+        assert max(stub.counts.values()) == 1
+        again = asyncio.run(go(stub, 20))  # everything from the journal now
+        assert stub.state.batch_creates == 1
+    assert [t.seed_id for t in result.transcripts] == [s.id for s in seeds(5)]
+    assert result.transcripts[0].meta["backend"] == "openai-batch"
+    assert [t.model_dump() for t in again.transcripts] == [t.model_dump() for t in result.transcripts]
+
+
+def test_turns_mode_can_ask_the_seed_as_the_first_question(tmp_path):
+    with StubServer(human_rounds=2) as stub:
+        result, _ = run(stub, tmp_path, n=2, mode="turns", max_rounds=2, first_human="seed")
+        assert sum(stub.counts.values()) == 2 * 3  # AI answer, then one generated human turn and its answer
+    t = result.transcripts[1]
+    assert t.turns[0].text == "topic 1" and t.turns[1].text == "Answer to: topic 1"
+    assert t.turns[2].text.startswith("Question 2 about topic 1") and t.meta["ended"] == "max_rounds"
+    assert t.meta["raw"][0] == {"role": "human", "text": "topic 1", "finish_reason": "seed"}

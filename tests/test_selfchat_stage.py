@@ -1,0 +1,151 @@
+"""The selfchat stage as a real process: kill -9 and resume, the key never leaks, one-line errors, MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfchat_stub import StubServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTINEL = "sk-test-SENTINEL-key-0123456789abcdef"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def setup(tmp_path: Path, url: str, n: int = 20, **selfchat) -> Path:
+    params = {
+        "tracking": {"experiment": "selfchat-test", "log_artifacts": True},
+        "selfchat": {"backend": "openai", "model": "stub", "base_url": url, "mode": "turns", "max_rounds": 3,
+                     "concurrency": 4, "timeout_s": 5, "max_retries": 2, **selfchat},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    seeds = tmp_path / "data/seeds/seeds.jsonl"
+    seeds.parent.mkdir(parents=True)
+    seeds.write_text("".join(
+        json.dumps({"id": f"seed{i:03d}", "text": f"topic {i}", "source": "test", "domain": "general"}) + "\n"
+        for i in range(n)
+    ))
+    return tmp_path
+
+
+def command() -> list[str]:
+    return [sys.executable, "-m", "stages.selfchat", "--seeds", "data/seeds/seeds.jsonl", "--model", "models/base",
+            "--out", "data/selfchat"]
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "OPENAI_API_KEY": SENTINEL, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "BAIZE_PIPELINE_ID": "test"}
+
+
+def stage(tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(command(), cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def journal_replies(path: Path) -> int:
+    return sum(1 for line in path.read_bytes().split(b"\n") if line.startswith(b'{"key"') and line.endswith(b"}"))
+
+
+def assert_no_secret(tmp_path: Path, *texts: str) -> None:
+    for text in texts:
+        assert SENTINEL not in text
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert SENTINEL.encode() not in p.read_bytes(), f"API key found in {p}"
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_loses_nothing_and_pays_nothing_twice(tmp_path):
+    with StubServer(latency_s=0.1, human_rounds=2) as stub:
+        setup(tmp_path, stub.url, n=20)
+        journal = tmp_path / "data/selfchat/journal.jsonl"
+        proc = subprocess.Popen(command(), cwd=tmp_path, env=env(tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (journal.exists() and journal_replies(journal) >= 30):
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run: 100 requests in all, some in flight right now
+        proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        recorded = journal_replies(journal)
+        assert 30 <= recorded < 100, "killed too late to test anything"
+        requested_before = sum(stub.counts.values())
+        assert not (tmp_path / "data/selfchat/transcripts.jsonl").exists()
+
+        done = stage(tmp_path)
+        assert done.returncode == 0, done.stderr
+        # Every reply on disk at the kill was reused; only the rest (incl. those in flight) were requested again.
+        assert sum(stub.counts.values()) - requested_before == 100 - recorded
+        first = (tmp_path / "data/selfchat/transcripts.jsonl").read_bytes()
+
+        again = stage(tmp_path)  # everything from the journal: no request, the same bytes
+        assert again.returncode == 0, again.stderr
+        assert sum(stub.counts.values()) - requested_before == 100 - recorded
+    assert (tmp_path / "data/selfchat/transcripts.jsonl").read_bytes() == first
+    ids = [json.loads(x)["seed_id"] for x in first.decode().splitlines()]
+    assert ids == [f"seed{i:03d}" for i in range(20)]  # no duplicate, no missing seed, seed order
+    assert (tmp_path / "data/selfchat/failures.jsonl").read_text() == ""
+    metrics = json.loads((tmp_path / "reports/selfchat/metrics.json").read_text())
+    assert metrics["transcripts"] == 20 and metrics["replies_from_journal"] == 100
+    assert_no_secret(tmp_path, done.stdout, done.stderr, again.stdout, again.stderr)
+
+
+@pytest.mark.slow
+def test_stage_outputs_metrics_and_mlflow_run_without_the_key(tmp_path):
+    bad = lambda body, n: "malformed" if "topic 3'" in body["messages"][0]["content"] else "ok"  # noqa: E731
+    with StubServer(script=bad) as stub:
+        setup(tmp_path, stub.url, n=6, mode="transcript", prices={"stub": {"input_per_1m": 0.5, "output_per_1m": 1.5}})
+        done = stage(tmp_path)
+        assert any(SENTINEL in h for h in stub.state.auth_headers)
+    assert done.returncode == 0, done.stderr
+    assert "5/6 transcripts" in done.stdout
+    failures = [json.loads(x) for x in (tmp_path / "data/selfchat/failures.jsonl").read_text().splitlines()]
+    assert [(f["seed_id"], f["reason"]) for f in failures] == [("seed003", "no_complete_pair")]
+    metrics = json.loads((tmp_path / "reports/selfchat/metrics.json").read_text())
+    assert metrics["transcripts"] == 5 and metrics["failures_by_reason"] == {"no_complete_pair": 1}
+    assert metrics["turns_per_transcript"] == 4 and metrics["cost_usd"] > 0 and metrics["requests"] == 6
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("selfchat-test")
+    run = client.search_runs([exp.experiment_id], "tags.`baize.stage` = 'selfchat'")[0]
+    assert run.data.metrics["transcripts"] == 5 and run.data.params["selfchat.model"] == "stub"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"transcripts.jsonl", "failures.jsonl"}
+    everything = json.dumps([run.data.params, run.data.tags, run.data.metrics])
+    assert_no_secret(tmp_path, done.stdout, done.stderr, everything)
+
+
+def test_401_stops_the_stage_with_one_line_and_no_key(tmp_path):
+    with StubServer(script=lambda body, n: "401") as stub:
+        setup(tmp_path, stub.url, n=30)
+        done = stage(tmp_path)
+        assert sum(stub.counts.values()) <= 4  # stopped at once, not one 401 per seed
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "HTTP 401" in lines[0], done.stderr
+    assert not (tmp_path / "data/selfchat/transcripts.jsonl").exists()
+    assert_no_secret(tmp_path, done.stdout, done.stderr)
+
+
+def test_bad_params_and_bad_seed_line_give_one_line(tmp_path):
+    setup(tmp_path, "http://127.0.0.1:9/v1", n=2, temperature=5)
+    done = stage(tmp_path)
+    assert done.returncode == 2 and "selfchat.temperature" in done.stderr and "Traceback" not in done.stderr
+    setup_dir = tmp_path / "b"
+    setup_dir.mkdir()
+    setup(setup_dir, "http://127.0.0.1:9/v1", n=2)
+    with (setup_dir / "data/seeds/seeds.jsonl").open("a") as fh:
+        fh.write('{"id": "x", "text": \n')
+    done = stage(setup_dir)
+    assert done.returncode == 1 and "data/seeds/seeds.jsonl:3: invalid JSON" in done.stderr
+    assert "Traceback" not in done.stderr
