@@ -1,0 +1,363 @@
+"""Talking to a Baize model: the inference prompt, history truncation, stop strings, loading, generation.
+
+Shared by `baize chat` (one streamed reply at a time) and the `evaluate` stage (batched replies). The prompt
+is the one of the Baize demo (paper, Section 5; `generate_prompt_with_history` in the reference code):
+
+    <BAIZE_SYSTEM_PROMPT, which ends with "\\n[|Human|]Hello!\\n[|AI|]Hi!">
+    \\n[|Human|]{question 1}\\n[|AI|]{answer 1}
+    ...
+    \\n[|Human|]{question}\\n[|AI|]
+
+Note that inference turns have no space after the marker while the training text has one
+(`[|Human|] {h}\\n[|AI|] {a}\\n`); that is how Baize did it, and the model copes.
+The reply ends at the first `[|Human|]` or `[|AI|]` (or EOS, or the token limit); when the prompt exceeds the
+context budget the oldest (question, answer) pairs are dropped, as the reference demo does.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from baize.errors import BaizeError
+from baize.formats import AI, HUMAN
+
+BAIZE_SYSTEM_PROMPT = (
+    "The following is a conversation between a human and an AI assistant named Baize (named after a mythical "
+    "creature in Chinese folklore). Baize is an open-source AI assistant developed by UCSD and Sun Yat-Sen "
+    "University. The human and the AI assistant take turns chatting. Human statements start with [|Human|] and "
+    "AI assistant statements start with [|AI|]. The AI assistant always provides responses in as much detail as "
+    "possible, and in Markdown format. The AI assistant always declines to engage with topics, questions and "
+    "instructions related to unethical, controversial, or sensitive issues. Complete the transcript in exactly "
+    "that format.\n[|Human|]Hello!\n[|AI|]Hi!"
+)
+STOP_STRINGS: tuple[str, ...] = (HUMAN, AI)
+
+History = Sequence[tuple[str, str]]  # (human, ai) pairs, oldest first
+
+
+class PromptTooLongError(BaizeError):
+    """Even the newest question alone does not fit the context budget."""
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+def format_turn(question: str, answer: str | None = None) -> str:
+    """`\\n[|Human|]{question}\\n[|AI|]{answer}`; with answer None the prompt ends on `[|AI|]` for the model."""
+    return f"\n{HUMAN}{question}\n{AI}{answer if answer is not None else ''}"
+
+
+def build_prompt(
+    question: str,
+    history: History = (),
+    tokenizer: Any = None,
+    max_context_tokens: int | None = None,
+    system: str = BAIZE_SYSTEM_PROMPT,
+) -> str:
+    """The Baize inference prompt for `question` after `history`, dropping the oldest pairs to fit.
+
+    With a tokenizer and a budget, pairs are added newest first while the whole prompt stays within
+    `max_context_tokens` (the reference demo's rule: a pair that does not fit ends the history there).
+    Raises PromptTooLongError when the question alone does not fit.
+    """
+    parts = [format_turn(h, a) for h, a in history]
+    current = format_turn(question)
+    if tokenizer is None or max_context_tokens is None:
+        return system + "".join(parts) + current
+
+    def fits(text: str) -> bool:
+        return count_tokens(tokenizer, text) <= max_context_tokens
+
+    if not fits(system + current):
+        raise PromptTooLongError(
+            f"the question alone ({count_tokens(tokenizer, system + current)} prompt tokens) exceeds the "
+            f"context budget of {max_context_tokens} tokens"
+        )
+    kept = current
+    for part in reversed(parts):
+        if not fits(system + part + kept):
+            break
+        kept = part + kept
+    return system + kept
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text)["input_ids"])
+
+
+# --------------------------------------------------------------------------- stop strings
+
+
+def cut_at_stop(text: str, stop: Sequence[str] = STOP_STRINGS) -> tuple[str, str | None]:
+    """(text before the first stop string, that stop string or None)."""
+    first, which = len(text), None
+    for s in stop:
+        i = text.find(s)
+        if 0 <= i < first:
+            first, which = i, s
+    return text[:first], which
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """How many trailing characters could be the start of a stop string (not shown until we know)."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                longest = max(longest, n)
+                break
+    return longest
+
+
+def clean_reply(text: str) -> str:
+    """The reply as shown and stored: cut at the first stop string, surrounding whitespace removed."""
+    return cut_at_stop(text)[0].strip()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_adapter_dir(path: Path) -> Path:
+    """An adapter folder must hold adapter_config.json and adapter_model.safetensors (pickles are refused)."""
+    if not path.is_dir():
+        raise BaizeError(f"{path}: adapter folder not found")
+    if not (path / "adapter_config.json").is_file():
+        raise BaizeError(f"{path}: no adapter_config.json (not a PEFT adapter folder)")
+    if not (path / "adapter_model.safetensors").is_file():
+        if (path / "adapter_model.bin").exists():
+            raise BaizeError(f"{path}: adapter_model.bin is a pickle and is never loaded; save it as safetensors")
+        raise BaizeError(f"{path}: no adapter_model.safetensors")
+    return path
+
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def resolve_adapter(spec: str | Path, dst: Path | None = None) -> Path:
+    """A local adapter folder, or an MLflow `runs:/<id>/<path>` / `models:/<name>/<version>` URI.
+
+    MLflow URIs are downloaded with `mlflow.artifacts.download_artifacts` (tracking store from
+    MLFLOW_TRACKING_URI); the adapter is the shallowest folder in the download holding adapter_config.json.
+    """
+    text = str(spec)
+    if not text.startswith(MLFLOW_SCHEMES):
+        return check_adapter_dir(Path(text))
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst) if dst else None))
+    except Exception as exc:  # MlflowException, OSError: one line naming the URI
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BaizeError(f"{text}: cannot download the adapter from MLflow: {first}") from None
+    candidates = sorted(local.rglob("adapter_config.json"), key=lambda p: len(p.parts))
+    if local.is_file() or not candidates:
+        raise BaizeError(f"{text}: the downloaded artifacts hold no adapter_config.json")
+    return check_adapter_dir(candidates[0].parent)
+
+
+def load_tokenizer(base: Path, adapter: Path | None = None):
+    """The adapter's tokenizer when it ships one (it carries the Baize chat template), else the base's."""
+    from transformers import AutoTokenizer
+
+    source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
+    tok = AutoTokenizer.from_pretrained(str(source))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(base: str | Path, adapter: str | Path | None = None, dtype: str = "float32"):
+    """(model, tokenizer): the base in `dtype` (safetensors only, no remote code), with the adapter on top if given.
+
+    With an adapter the model is a `PeftModel`: `with model.disable_adapter():` gives the base model back
+    without loading it twice (the evaluation compares both in one run this way).
+    """
+    from transformers import AutoModelForCausalLM
+
+    base = Path(base)
+    if not (base / "config.json").is_file():
+        raise BaizeError(f"{base}: no config.json (expected a Hugging Face model folder, e.g. models/base)")
+    adapter_dir = resolve_adapter(adapter) if adapter is not None else None
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=_torch_dtype(dtype), use_safetensors=True, trust_remote_code=False
+    )
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model, load_tokenizer(base, adapter_dir)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One reply: the cleaned text, why it ended (`stop`: a stop string, `eos`, `length`), the raw decode."""
+
+    text: str
+    finish_reason: str
+    stop_string: str | None
+    num_tokens: int
+    raw: str
+
+    @property
+    def stopped(self) -> bool:
+        """Ended by itself (stop string or EOS) rather than at the token limit."""
+        return self.finish_reason in ("stop", "eos")
+
+
+def _sampling_kwargs(temperature: float, top_p: float) -> dict[str, Any]:
+    if temperature <= 0:  # temperature 0 means greedy, as in the OpenAI API
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, list) else [ids]
+    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = 8,
+    seed: int = 42,
+    stop: Sequence[str] = STOP_STRINGS,
+    progress: Any = None,
+) -> list[Generation]:
+    """Replies to `prompts`, `batch_size` at a time (left padding), ending at the stop strings.
+
+    Each batch is seeded with `seed + batch index`, so the same prompts get the same random stream whatever
+    model answers them (base and adapter are compared on equal footing) and a re-run reproduces the samples.
+    """
+    import torch
+    from transformers import set_seed
+
+    tokenizer.padding_side = "left"  # decoder-only batching: the prompt must end where generation starts
+    eos = _eos_ids(model, tokenizer)
+    out: list[Generation] = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = list(prompts[start : start + batch_size])
+        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        set_seed(seed + b)
+        with torch.no_grad():
+            ids = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                stop_strings=list(stop),
+                tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id,
+                **_sampling_kwargs(temperature, top_p),
+            )
+        for row in ids[:, enc["input_ids"].shape[1] :].tolist():
+            end = next((i for i, t in enumerate(row) if t in eos), None)
+            raw = tokenizer.decode(row[:end] if end is not None else row, skip_special_tokens=True)
+            before, which = cut_at_stop(raw, stop)
+            reason = "stop" if which else ("eos" if end is not None else "length")
+            text = before.strip()
+            out.append(Generation(text, reason, which, count_tokens(tokenizer, text) if text else 0, raw))
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
+def stream_reply(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    stop: Sequence[str] = STOP_STRINGS,
+) -> Iterator[str]:
+    """Yield the reply piece by piece as it is generated, never showing (a prefix of) a stop string.
+
+    Generation runs in a thread feeding a `TextIteratorStreamer`; text that might be the start of a stop
+    string is held back until the next piece decides it.
+    """
+    import torch
+    from transformers import TextIteratorStreamer, set_seed
+
+    enc = tokenizer(prompt, return_tensors="pt")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    if seed is not None:
+        set_seed(seed)
+    kwargs = dict(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        stop_strings=list(stop),
+        tokenizer=tokenizer,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        **_sampling_kwargs(temperature, top_p),
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+            streamer.on_finalized_text("", stream_end=True)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text, shown, ended = "", 0, False
+    for piece in streamer:
+        if ended:
+            continue  # drain, so the generating thread can finish
+        text += piece
+        body = text.lstrip()  # the reply starts right after "[|AI|]": no leading whitespace
+        before, which = cut_at_stop(body, stop)
+        # Trailing whitespace waits too: it is shown once more text follows (a reply never ends in it).
+        visible = (before if which else body[: len(body) - _held_back(body, stop)]).rstrip()
+        if len(visible) > shown:
+            yield visible[shown:]
+            shown = len(visible)
+        ended = which is not None
+    if not ended:
+        rest = text.lstrip().rstrip()[shown:]
+        if rest:
+            yield rest
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+_ROLE_LEAK = re.compile(
+    r"(^|\n)\s*(#+\s*)?(\[\|?\s*(human|ai|user|assistant)\s*\|?\]|(human|user|assistant|ai)\s*:|<\|im_start\|>)",
+    re.IGNORECASE,
+)
+
+
+def has_role_leak(generation: Generation) -> bool:
+    """The reply speaks for another turn: it ended on `[|AI|]` (a second AI turn with no human between), or a
+    line of it starts with a role label (`Human:`, `[Human]`, `User:`, `### Assistant`, `<|im_start|>`, ...).
+
+    Ending on `[|Human|]` is not a leak: that is how a Baize model hands the turn back.
+    """
+    if generation.stop_string == AI:
+        return True
+    return bool(_ROLE_LEAK.search(generation.text))

@@ -1,0 +1,21 @@
+"""Evaluation prompts shipped with baize.
+
+`questions.jsonl`: 80 questions written for this project in the spirit of the Vicuna-80 benchmark the paper
+used (not its text): 10 generic, 10 knowledge, 10 roleplay, 10 common-sense, 10 Fermi, 10 counterfactual,
+7 coding, 3 math, 10 writing. One JSON object per line: `{"id", "category", "text"}`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+PACKAGED = {"vicuna80": "questions.jsonl"}
+
+
+def load_packaged(name: str = "vicuna80") -> list[dict[str, Any]]:
+    if name not in PACKAGED:
+        raise KeyError(name)
+    text = resources.files(__package__).joinpath(PACKAGED[name]).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

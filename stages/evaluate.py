@@ -1,0 +1,132 @@
+"""Stage `evaluate`: base vs base + adapter on the validation split and a fixed prompt set, in one run.
+
+Outputs: reports/eval/samples.jsonl (one row per prompt with both answers), reports/eval/metrics.json (for
+`dvc metrics show/diff`), and one MLflow run with the metrics and the samples as a table, tagged with the
+run that trained the adapter (`baize.train_run_id`, read from models/adapter/baize_adapter.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import click
+
+from baize import evaluation, inference
+from baize.config import EvaluateParams
+from baize.errors import BaizeError
+from baize.transcript import atomic_write_text
+from stages import _common
+
+ADAPTER_META = "baize_adapter.json"
+
+
+def _train_run_id(adapter_dir: Path) -> str | None:
+    meta = adapter_dir / ADAPTER_META
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (json.JSONDecodeError, AttributeError):
+        raise BaizeError(f"{meta}: not a JSON object") from None
+
+
+def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict]) -> tuple[list[dict], dict]:
+    from baize import judge
+    from baize.selfchat.journal import Journal
+
+    jp = params.judge
+    if jp.backend == "local":
+        from baize.selfchat.local_backend import LocalBackend
+
+        backend = LocalBackend(base_dir, batch_size=params.batch_size, seed=params.seed)
+    else:
+        from baize.selfchat.openai_backend import OpenAIBackend
+
+        backend = OpenAIBackend(base_url=jp.base_url, concurrency=jp.concurrency)
+    try:
+        with Journal(jp.cache) as journal:
+            return asyncio.run(
+                judge.judge_rows(backend, journal, rows, model=jp.model, reference=jp.reference,
+                                 max_tokens=jp.max_tokens)
+            )
+    finally:
+        close = getattr(backend, "close", None)
+        if close:
+            close()
+
+
+@click.command()
+@click.option("--adapter", "adapter", default="models/adapter", show_default=True,
+              help="Adapter folder, or an MLflow runs:/ or models:/ URI.")
+@click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", default="data/tokenized", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", default="reports/eval", show_default=True, type=click.Path(path_type=Path))
+@_common.entrypoint
+def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
+    params, tracking = _common.load("evaluate", "tracking")
+    started = time.perf_counter()
+    adapter_dir = inference.resolve_adapter(adapter)
+    val = evaluation.load_split(data_dir / "val")
+    model, tokenizer = inference.load_model(model_dir, adapter_dir, dtype=params.dtype)
+
+    n_ppl = len(val) if params.max_ppl_samples is None else min(len(val), params.max_ppl_samples)
+    rows = [val[i] for i in range(n_ppl)]
+    click.echo(f"evaluate: perplexity on {n_ppl} validation transcripts (base, then adapter)", err=True)
+    ppl = evaluation.compare_perplexity(model, rows, batch_size=params.ppl_batch_size,
+                                        pad_token_id=tokenizer.pad_token_id)
+
+    prompts = evaluation.load_prompts(params.prompts, params.num_prompts)
+    prompts += evaluation.heldout_prompts(val, tokenizer, params.heldout_prompts)
+    click.echo(f"evaluate: {len(prompts)} prompts x 2 models, up to {params.max_new_tokens} new tokens", err=True)
+    answers = evaluation.generate_answers(
+        model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+        top_p=params.top_p, batch_size=params.batch_size, seed=params.seed,
+        max_context_tokens=params.max_context_tokens,
+    )
+    samples = evaluation.sample_rows(prompts, answers)
+    metrics: dict = {
+        "perplexity": ppl,
+        "generation": {name: evaluation.format_metrics(gens) for name, gens in answers.items()},
+    }
+    del model  # the judge's local backend and lm-eval load their own copies
+
+    if params.judge.enabled:
+        judged, summary = _judge(params, model_dir, samples)
+        for row, j in zip(samples, judged, strict=True):
+            row["judge"] = {k: v for k, v in j.items() if k != "id"}
+        metrics["judge"] = summary
+    if params.lm_eval_tasks:
+        metrics["lm_eval"] = evaluation.run_lm_eval(model_dir, adapter_dir, params.lm_eval_tasks, params.lm_eval_limit)
+    metrics["wall_s"] = round(time.perf_counter() - started, 1)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    _common.write_json(out_dir / "metrics.json", metrics)
+
+    train_run = _train_run_id(adapter_dir)
+    with _common.mlflow_run("evaluate", tracking, ("evaluate",)) as run:
+        import mlflow
+
+        from baize.tracking import log_metrics
+
+        tags = {"baize.adapter": str(adapter)}
+        if train_run:
+            tags["baize.train_run_id"] = train_run  # the link from this evaluation to the run that trained it
+        mlflow.set_tags(tags)
+        log_metrics(metrics)
+        mlflow.log_table(data=evaluation.flat_table(samples), artifact_file="eval/samples.json")
+        if tracking.log_artifacts:
+            mlflow.log_artifact(str(out_dir / "metrics.json"), artifact_path="eval")
+        click.echo(
+            f"reports/eval: perplexity base {ppl['base']:.3f} -> adapter {ppl['adapter']:.3f} "
+            f"({ppl['drop_pct']:.1f}% lower) over {ppl['tokens']} AI-turn tokens; "
+            f"stop rate base {metrics['generation']['base']['stop_rate']:.2f}, "
+            f"adapter {metrics['generation']['adapter']['stop_rate']:.2f} (mlflow run {run.info.run_id})"
+        )
+
+
+if __name__ == "__main__":
+    main()
