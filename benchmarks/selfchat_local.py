@@ -1,0 +1,270 @@
+"""Local self-chat backend throughput on the self-chat workload itself: useful tokens/s, three ways, one run.
+
+    .venv/bin/python benchmarks/selfchat_local.py [--model models/base] [--requests 32] [--concurrency 16]
+        [--max-tokens 128] [--baseline-sample 8] [--threads N] [--rounds 2] [--serve-cb]
+
+Workload: real turn-by-turn self-chat requests (baize.selfchat.prompts) over the project's shipped seeds, half
+"write the next human turn" (the template + transcript so far, stop `[AI]`), half "answer as the assistant",
+with 0-2 earlier rounds (taken from released Baize transcripts in ../shared/fixtures when present), so prompt and
+answer lengths vary the way they do in a real run. Greedy decoding, so every variant should write the same text.
+
+Variants, run in the same process/machine, interleaved (round 2 runs them in reverse order):
+- `local batched`: LocalBackend(batch_size=concurrency), `concurrency` requests in flight, as the engine runs it.
+- `one at a time`: plain `model.generate` per prompt (stop strings, EOS), on an evenly spread sample of the
+  requests (a rate, so a sample suffices).
+- `transformers serve`: the same folder behind `transformers serve` (CPU, same dtype and threads), driven by the
+  project's `openai` backend with the same concurrency; `--serve-cb` adds a row with its `--continuous-batching`.
+
+Useful tokens: the tokens of each reply up to its stop (the re-tokenized reply text plus the one token that ended
+it), counted the same way for every variant; tokens generated past a stop are waste, not throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from baize.selfchat.backend import ChatRequest  # noqa: E402
+from baize.selfchat.prompts import HUMAN_STOP, ai_turn_messages, human_turn_messages  # noqa: E402
+from baize.transcript import Turn  # noqa: E402
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "baize-original" / "english_records.json"
+FALLBACK_ROUNDS = [
+    ("Can you explain the basics first?", "Sure. Start small, learn the key terms, and practise before you commit."),
+    ("What mistakes should I avoid?", "Rushing, skipping the fundamentals, and relying on a single source."),
+]
+
+
+def workload(n: int, max_tokens: int) -> list[ChatRequest]:
+    seeds = []
+    for name in ("general", "programming", "medical", "finance"):
+        lines = (ROOT / "src/baize/seeds/data" / f"{name}.txt").read_text().splitlines()
+        seeds.append([s for s in lines if s.strip()])
+    seeds = [s for group in zip(*seeds) for s in group]  # interleave the four domains
+    conversations = [FALLBACK_ROUNDS]
+    if FIXTURE.is_file():
+        from baize.formats import parse_training
+
+        conversations = []
+        for record in json.loads(FIXTURE.read_text()):
+            turns = parse_training(record["input"])[1]
+            conversations.append([(h.text, a.text) for h, a in zip(turns[::2], turns[1::2])])
+    requests = []
+    for i in range(n):
+        seed = seeds[i // 2 % len(seeds)]
+        rounds = conversations[i % len(conversations)][: (i // 2) % 3]
+        turns = [Turn(role=r, text=t) for pair in rounds for r, t in zip(("human", "ai"), pair)]
+        if i % 2 == 0:
+            messages, stop = human_turn_messages(seed, turns), HUMAN_STOP
+        else:
+            messages, stop = ai_turn_messages([*turns, Turn(role="human", text=seed)]), None
+        requests.append(ChatRequest(messages=messages, model="base", temperature=0.0, top_p=1.0,
+                                    max_tokens=max_tokens, stop=stop))
+    return requests
+
+
+def cut(request: ChatRequest, text: str, finish_reason: str) -> tuple[str, str]:
+    """`model.generate` and a server may leave the stop string in the text: cut it, as the backend does."""
+    for s in request.stop or []:
+        if s in text:
+            text, finish_reason = text[: text.find(s)], "stop"
+    return text, finish_reason
+
+
+def useful_tokens(tokenizer, request: ChatRequest, text: str, finish_reason: str) -> int:
+    n = len(tokenizer(text, add_special_tokens=False).input_ids)
+    return min(n + (finish_reason == "stop"), request.max_tokens)
+
+
+async def run_concurrently(backend, requests, concurrency):
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(r):
+        async with slots:
+            c = await backend.complete(r)
+            return c.text, c.finish_reason
+
+    return await asyncio.gather(*(one(r) for r in requests))
+
+
+def run_local(backend, requests, concurrency):
+    return asyncio.run(run_concurrently(backend, requests, concurrency))
+
+
+def run_one_at_a_time(model, tokenizer, requests):
+    import torch
+
+    out = []
+    for r in requests:
+        ids = tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_tokens,
+                                 do_sample=False, stop_strings=r.stop, tokenizer=tokenizer)[0, ids.shape[1]:]
+        ended = gen[-1].item() in tokenizer.all_special_ids or len(gen) < r.max_tokens
+        out.append((tokenizer.decode(gen, skip_special_tokens=True), "stop" if ended else "length"))
+    return out
+
+
+class Server:
+    """`transformers serve` on 127.0.0.1, started and stopped by us (terminated by its own pid)."""
+
+    def __init__(self, model_dir: Path, threads: int | None, cb: bool):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(self.port), "--device", "cpu", "--dtype", "float32"]
+        if cb:
+            cmd.append("--continuous-batching")
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError("transformers serve exited:\n" + self.log.read().decode()[-2000:])
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        self.close()
+        raise RuntimeError("transformers serve did not come up in 180 s")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_served(base_url, model_dir, requests, concurrency):
+    from baize.selfchat.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend(base_url=base_url, concurrency=concurrency, timeout_s=600, max_retries=0)
+    served = [ChatRequest(**{**r.__dict__, "model": str(model_dir)}) for r in requests]
+    return asyncio.run(run_concurrently(backend, served, concurrency))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "models/base")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--baseline-sample", type=int, default=8, help="requests the one-at-a-time baseline runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every variant (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=1, help="2: run the variants again in reverse order")
+    ap.add_argument("--no-serve", action="store_true")
+    ap.add_argument("--serve-cb", action="store_true", help="also serve with --continuous-batching")
+    args = ap.parse_args()
+    # SIGTERM runs the `finally` below too, so a killed benchmark never leaves a server behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model
+    if not (model_dir / "config.json").is_file():
+        from baize.base_model import materialize
+
+        model_dir = Path(tempfile.mkdtemp()) / "base"
+        print(f"{args.model} missing: materializing the packaged model into {model_dir}")
+        materialize("packaged:smollm2-135m-instruct", model_dir)
+
+    from baize.selfchat.local_backend import LocalBackend
+
+    requests = workload(args.requests, args.max_tokens)
+    # Pairs (one human-turn request, one answer) spread evenly over the workload.
+    step = max(2, len(requests) // max(1, args.baseline_sample // 2) // 2 * 2)
+    sample = [r for k in range(0, len(requests), step) for r in requests[k : k + 2]][: args.baseline_sample]
+    local = LocalBackend(model_dir, batch_size=args.concurrency)
+    tok = local.tokenizer
+    local.complete_sync(ChatRequest(messages=[{"role": "user", "content": "Hi"}], model="base", temperature=0,
+                                    top_p=1, max_tokens=4))  # warm-up, not timed
+
+    servers = {}
+    try:
+        if not args.no_serve:
+            servers["transformers serve"] = Server(model_dir, args.threads, cb=False)
+            if args.serve_cb:
+                servers["transformers serve --continuous-batching"] = Server(model_dir, args.threads, cb=True)
+            for server in servers.values():  # warm-up: the model loads on the first request
+                run_served(server.base_url, model_dir, requests[1:2], 1)
+
+        variants = {
+            "local batched": (requests, lambda rs: run_local(local, rs, args.concurrency)),
+            "one at a time (model.generate)": (sample, lambda rs: run_one_at_a_time(local.model, tok, rs)),
+        }
+        for name, server in servers.items():
+            variants[name] = (requests, lambda rs, s=server: run_served(s.base_url, model_dir, rs, args.concurrency))
+
+        totals = {name: [0, 0.0, 0] for name in variants}  # useful tokens, seconds, requests
+        texts: dict[str, list[str]] = {}
+        for round_ in range(args.rounds):
+            order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
+            for name in order:
+                rs, fn = variants[name]
+                load = os.getloadavg()[0]
+                started = time.perf_counter()
+                results = fn(rs)
+                seconds = time.perf_counter() - started
+                results = [cut(r, t, f) for r, (t, f) in zip(rs, results)]
+                useful = sum(useful_tokens(tok, r, t, f) for r, (t, f) in zip(rs, results))
+                totals[name][0] += useful
+                totals[name][1] += seconds
+                totals[name][2] += len(rs)
+                texts[name] = [t for t, _ in results]
+                print(f"  round {round_ + 1} {name}: {useful} tokens in {seconds:.1f} s "
+                      f"({useful / seconds:.1f}/s, load avg {load:.1f})", flush=True)
+    finally:
+        for server in servers.values():
+            server.close()
+        local.close()
+
+    base_rate = totals["one at a time (model.generate)"][0] / totals["one at a time (model.generate)"][1]
+    local_by_request = dict(zip(map(id, requests), texts["local batched"]))
+    print(f"\nself-chat workload: {args.requests} requests (half human turns with stop [AI], half answers), "
+          f"max_tokens {args.max_tokens}, concurrency {args.concurrency}, greedy, torch threads "
+          f"{torch.get_num_threads()}, {args.rounds} round(s)\n")
+    print(f"| variant | requests | useful tokens | seconds | useful tokens/s | vs one at a time | same text as local |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, (useful, seconds, n) in totals.items():
+        rs = variants[name][0]
+        same = sum(local_by_request[id(r)].strip() == t.strip() for r, t in zip(rs, texts[name]))
+        rate = useful / seconds
+        print(f"| {name} | {n} | {useful} | {seconds:.1f} | {rate:.1f} | {rate / base_rate:.2f}x | "
+              f"{same}/{len(rs)} |")
+    st = local.stats
+    print(f"\nlocal backend: prefill {st.prefill_tokens} prompt tokens ({st.reused_tokens} more reused from the "
+          f"prefix cache) in {st.prefill_s:.1f} s, "
+          f"{st.decode_steps} decode steps in {st.decode_s:.1f} s, "
+          f"mean batch fill {st.decode_tokens / max(1, st.decode_steps):.1f}/{args.concurrency}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The `local` self-chat backend: continuous batching must not change what the model says.
+
+The model tests share one LocalBackend over the session's materialized SmolLM2-135M (tests/conftest.py) and keep
+generations short; greedy decoding makes the expected text exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from baize.errors import BaizeError, ParamsError
+from baize.selfchat.backend import ChatRequest
+from baize.selfchat.local_backend import ContextLengthError, LocalBackend
+from baize.selfchat.prompts import HUMAN_STOP, ai_turn_messages, human_turn_messages
+from baize.transcript import Turn
+
+SEEDS = ["Why do rockets look white?", "How does compound interest work?", "How do I reverse a linked list in Java?"]
+PRIOR = [Turn(role="human", text="Can you explain the basics?"), Turn(role="ai", text="Sure, start small.")]
+
+
+def greedy(messages, max_tokens=12, stop=None) -> ChatRequest:
+    return ChatRequest(messages=messages, model="local", temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop=stop)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(BaizeError, match="no model folder"):
+        LocalBackend(tmp_path / "models" / "base")
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(BaizeError, match="safetensors"):
+        LocalBackend(tmp_path)
+
+
+def test_bad_dtype_is_a_params_error(tmp_path):
+    with pytest.raises(ParamsError, match="dtype"):
+        LocalBackend(tmp_path, dtype="int3")
+
+
+@pytest.fixture(scope="module")
+def backend(base_model_dir):
+    # batch_size 2 with 6 concurrent requests: rows finish and waiting requests take their slots mid-batch.
+    with LocalBackend(base_model_dir, batch_size=2, admit_min=1) as b:
+        yield b
+
+
+def reference(backend: LocalBackend, request: ChatRequest) -> tuple[str, str, int]:
+    """One prompt at a time with plain `model.generate`, then EOS / stop strings / max_tokens applied by hand."""
+    ids = torch.tensor([backend.render(request.messages)])
+    with torch.inference_mode():
+        out = backend.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens, do_sample=False
+        )
+    generated = out[0, ids.shape[1] :].tolist()
+    for n in range(1, len(generated) + 1):  # the first point where the sequence would end
+        if generated[n - 1] in backend.eos_ids:
+            return backend.tokenizer.decode(generated[: n - 1], skip_special_tokens=True), "stop", n
+        text = backend.tokenizer.decode(generated[:n], skip_special_tokens=True)
+        hits = [text.find(s) for s in request.stop or [] if s in text]
+        if hits:
+            return text[: min(hits)], "stop", n
+    return backend.tokenizer.decode(generated, skip_special_tokens=True), "length", len(generated)
+
+
+@pytest.mark.slow
+def test_concurrent_batch_equals_one_at_a_time_greedy(backend):
+    # Real self-chat requests of varied lengths; the stops make rows finish at different steps.
+    requests = [
+        greedy(human_turn_messages(SEEDS[0], []), stop=HUMAN_STOP),
+        greedy(ai_turn_messages([Turn(role="human", text=SEEDS[1])]), stop=["."]),
+        greedy(human_turn_messages(SEEDS[2], PRIOR), stop=HUMAN_STOP),
+        greedy(ai_turn_messages([*PRIOR, Turn(role="human", text=SEEDS[2])]), max_tokens=16),
+        greedy(ai_turn_messages([Turn(role="human", text=SEEDS[0])]), max_tokens=5),
+        greedy(ai_turn_messages([Turn(role="human", text="Say hi.")]), max_tokens=14, stop=["!", "\n"]),
+    ]
+
+    async def run_all():
+        return await asyncio.gather(*(backend.complete(r) for r in requests))
+
+    got = asyncio.run(run_all())
+    expected = [reference(backend, r) for r in requests]
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == expected
+    # The workload really was uneven: some rows stopped early, some ran to max_tokens.
+    assert {c.finish_reason for c in got} == {"stop", "length"}
+    assert len({c.completion_tokens for c in got}) >= 3
+
+
+@pytest.mark.slow
+def test_stop_string_is_cut_and_ends_the_sequence(backend):
+    request = greedy(ai_turn_messages([Turn(role="human", text=SEEDS[1])]), max_tokens=40)
+    full = backend.complete_sync(request)
+    assert " " in full.text
+    stop = full.text.split(" ")[2]  # a word the model says early on
+    cut = backend.complete_sync(greedy(request.messages, max_tokens=40, stop=[stop, "never-said-xyz"]))
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.text
+    assert full.text.startswith(cut.text)
+    assert cut.completion_tokens < full.completion_tokens
+
+
+@pytest.mark.slow
+def test_max_tokens_gives_length_and_usage(backend):
+    request = greedy(ai_turn_messages([Turn(role="human", text=SEEDS[2])]), max_tokens=4)
+    done = backend.complete_sync(request)
+    assert done.finish_reason == "length"
+    assert done.completion_tokens == 4
+    assert done.prompt_tokens == len(backend.render(request.messages)) > 10
+    assert done.model == backend.model_name
+    assert len(backend.tokenizer(done.text, add_special_tokens=False).input_ids) in range(3, 6)
+
+
+@pytest.mark.slow
+def test_sampling_is_reproducible_per_request(backend):
+    request = ChatRequest(
+        messages=ai_turn_messages([Turn(role="human", text=SEEDS[0])]),
+        model="local",
+        temperature=1.0,
+        top_p=0.95,
+        max_tokens=8,
+    )
+    first, second = backend.complete_sync(request), backend.complete_sync(request)
+    assert first.text == second.text and first.completion_tokens == second.completion_tokens
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_context_fails_that_request_only(base_model_dir):
+    with LocalBackend(base_model_dir, max_context=32) as small:
+        with pytest.raises(ContextLengthError, match="max_context is 32"):
+            small.complete_sync(greedy(human_turn_messages(SEEDS[0], [])))
+        # Near the limit, generation is cut to what fits and reported as "length".
+        short = greedy([{"role": "user", "content": "Hi"}], max_tokens=50)
+        room = 32 - len(small.render(short.messages))
+        done = small.complete_sync(short)
+        assert done.finish_reason == "length" or done.completion_tokens < room
+        assert done.completion_tokens <= room
+
+
+@pytest.mark.slow
+def test_model_error_fails_the_requests_in_flight_and_the_backend_recovers(backend, monkeypatch):
+    calls = {"n": 0}
+    forward = backend.model.forward
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", broken_once)
+    request = greedy(ai_turn_messages([Turn(role="human", text=SEEDS[0])]), max_tokens=3)
+    with pytest.raises(BaizeError, match="simulated kernel failure"):
+        backend.complete_sync(request)
+    assert backend.complete_sync(request).completion_tokens == 3
