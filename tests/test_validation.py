@@ -217,9 +217,14 @@ def _dataset_report(kind: str):
             )
             for i in range(10)
         ]
-    else:  # seed_echo_rate: human turns that only repeat the seed (case and punctuation aside)
+    else:  # seed_echo_rate: follow-up human turns that only repeat the seed (case and punctuation aside)
         records = [
-            make([("human", f"WHAT is topic {i}"), ("ai", "It is a topic.")], seed=f"What is topic {i}?")
+            make(
+                [("human", f"Tell me about topic {i}."), ("ai", "It is a topic."),
+                 ("human", f"WHAT is topic {i}"), ("ai", "As I said, a topic."),
+                 ("human", f"what is topic {i}?!"), ("ai", "Still a topic.")],
+                seed=f"What is topic {i}?",
+            )
             for i in range(10)
         ]
         records += clean[:4]
@@ -526,3 +531,12 @@ def test_data_docs_open_in_headless_chromium(mixed):
     assert "Status: | Failed" in text
     for name in ("no_role_markers", "valid_utf8", "no_control_chars", "turn_length", "refusal_rate"):
         assert f"{name}: " in text
+
+
+def test_opening_with_the_seed_is_not_an_echo():
+    """`first_human: seed` opens every transcript with the seed itself: that is a question, not an echo."""
+    records = [make([("human", f"What is topic {i}?"), ("ai", "It is a topic.")], seed=f"What is topic {i}?")
+               for i in range(10)]
+    report = validate(records, P)
+    echo = next(r for r in report.checks if r.check.name == "seed_echo_rate")
+    assert echo.observed == 0.0 and report.gate_passed

@@ -88,7 +88,7 @@ CHECKS: dict[str, Check] = {c.name: c for c in [
     Check("refusal_rate",      "dataset", "dataset", "turns",
           "share of AI turns opening with a refusal is at most {p.max_refusal_rate}"),
     Check("seed_echo_rate",    "dataset", "dataset", "turns",
-          "share of human turns only repeating the seed is at most {p.max_seed_echo_rate}"),
+          "share of human turns only repeating the seed (the opening one never does) is at most {p.max_seed_echo_rate}"),
 ]}
 # fmt: on
 
@@ -244,15 +244,17 @@ def features(transcripts: Sequence[Transcript], patterns: Sequence[re.Pattern]):
             }
         )
         seed_norm = _normalize(t.seed)
-        # A seed taken from the first user message (messages files without one) trivially echoes it.
-        not_an_echo = roles.index("human") if t.meta.get("seed_from_first_message") and "human" in roles else -1
+        # The opening human turn is never an echo: a conversation about a topic starts by asking it (the released
+        # data paraphrases it, `first_human: seed` asks it verbatim, a messages file's seed is taken from it).
+        # An echo is a later human turn that only repeats the seed: the self-chat ran out of questions.
+        not_an_echo = roles.index("human") if "human" in roles else -1
         for i, x in enumerate(t.turns):
             text = re.sub("[\ud800-\udfff]", REPLACEMENT_CHAR, x.text)
             echo = refusal = math.nan  # NaN: not counted in the rate (human turns for refusals and vice versa)
             if x.role == "ai":
                 refusal = float(_is_refusal(text, patterns))
-            elif i != not_an_echo:
-                echo = float(bool(seed_norm) and _normalize(text) == seed_norm)
+            else:
+                echo = float(i != not_an_echo and bool(seed_norm) and _normalize(text) == seed_norm)
             turns.append(
                 {
                     "row": row,
