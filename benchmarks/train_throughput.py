@@ -1,0 +1,244 @@
+"""Training throughput and peak memory: our recipe vs the reference (alpaca-lora / Baize `finetune.py`) recipe.
+
+Same model (models/base or --model), same transcripts, int8 base for both, same micro-batch and gradient
+accumulation (same effective batch), a few optimizer steps each:
+
+- reference: every sample padded to 512, loss on the whole text (pad excluded, as DataCollatorForLanguageModeling
+  does), random order, stock Trainer loss over the full [batch, 512, vocab] logits, no gradient checkpointing;
+- ours: the train stage's path (baize.training): length-grouped batches padded to their longest sample, AI-only
+  labels (tokenize default), logits only at trained positions, gradient checkpointing (`ours-nogc`: without
+  it; `ours-mmap-threshold`: plus a fixed glibc mmap threshold, less memory but slower).
+
+Each variant runs in its own subprocess so its peak RSS (ru_maxrss) is its own. Throughput counts the real
+(non-padding) tokens of the samples that went through a training step, per second, over the steps after the
+first (warm-up) one. Also: int8 vs fp32 `get_memory_footprint()` of the base.
+
+    python benchmarks/train_throughput.py                 # models/base, synthetic self-chat transcripts
+    python benchmarks/train_throughput.py --model DIR --steps 4 --variants reference,ours,ours-nogc
+
+CAUTION: the reference variant peaks near 9 GB RSS with SmolLM2-135M; variants run one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+WORDS = (
+    "the a of to and in is it that for you with on as are this be can your or an by from at not have more "
+    "use when will which if how one time people make also should help good like these each some may other "
+    "about first need data model way work file list value question answer example code python sleep health "
+    "money travel learn practice simple important different result change problem system process number"
+).split()
+
+
+def synthetic_transcripts(n: int, seed: int = 0):
+    """Self-chat-like transcripts: 1-5 rounds, short questions, longer answers (lengths ~60-600 tokens)."""
+    from baize.transcript import Turn
+
+    rng = random.Random(seed)
+
+    def sentence(lo, hi):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+        return " ".join(words).capitalize() + "."
+
+    out = []
+    for _ in range(n):
+        turns = []
+        for _ in range(rng.choice([1, 2, 2, 3, 3, 3, 4, 5])):
+            turns.append(Turn(role="human", text=" ".join(sentence(5, 14) for _ in range(rng.randint(1, 2)))))
+            turns.append(Turn(role="ai", text=" ".join(sentence(6, 18) for _ in range(rng.randint(1, 5)))))
+        out.append(turns)
+    return out
+
+
+def build_rows(model_dir: Path, n: int, max_length: int = 512):
+    from baize.formats import render_training
+    from baize.tokenization import load_tokenizer, tokenize_texts
+
+    tokenizer = load_tokenizer(model_dir)
+    texts = [render_training(t) for t in synthetic_transcripts(n)]
+    cols = {loss: tokenize_texts(tokenizer, texts, loss, max_length) for loss in ("ai_only", "all")}
+    return [
+        {"input_ids": ids, "labels": ai, "labels_all": al, "length": ln}
+        for ids, ai, al, ln in zip(
+            cols["ai_only"]["input_ids"], cols["ai_only"]["labels"], cols["all"]["labels"], cols["ai_only"]["length"]
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- worker (one variant per process)
+
+
+def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, accum: int) -> dict:
+    import torch
+    from datasets import load_from_disk
+    from transformers import Trainer, TrainerCallback
+
+    from baize import training
+    from baize.config import TrainParams
+
+    torch.manual_seed(0)
+    ds = load_from_disk(str(data))
+    reference = variant == "reference"
+    if variant == "ours-mmap-threshold":
+        training.release_freed_memory()
+    gc = variant in ("ours", "ours-mmap-threshold")
+    if reference:  # whole-text loss
+        ds = ds.remove_columns("labels").rename_column("labels_all", "labels")
+    params = TrainParams(micro_batch_size=micro, gradient_accumulation_steps=accum, max_steps=steps,
+                         warmup_steps=0, save_steps=10**6, eval_steps=10**6, gradient_checkpointing=gc)
+    tokenizer = training.load_tokenizer(Path("/nonexistent"), model_dir)
+    model = training.add_lora(training.load_base_model(model_dir, "int8", gc), params)
+    base_cls = Trainer if reference else training.BaizeTrainer
+
+    class Counting(base_cls):
+        real_tokens = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                self.real_tokens += int(inputs["attention_mask"].sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    marks: list[tuple[float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), trainer.real_tokens, trainer_trained()))
+
+    out_dir = tempfile.mkdtemp(prefix="bench-train-")
+    args = training.training_arguments(params, Path(out_dir), has_eval=False)
+    args.save_strategy = "no"
+    if reference:
+        args.train_sampling_strategy = "random"
+    trainer = Counting(
+        model=model, args=args, train_dataset=ds,
+        data_collator=training.PadCollator(tokenizer.pad_token_id, pad_to=512 if reference else None),
+        callbacks=[Clock()],
+    )
+    trained = {"n": 0}
+
+    def trainer_trained():
+        return trainer.trained_tokens if not reference else trained["n"]
+
+    if reference:  # count trained tokens for the table (the stock loss does not)
+        orig = Counting.compute_loss
+
+        def counted(self, model, inputs, *a, **k):
+            if model.training:
+                trained["n"] += int((inputs["labels"][:, 1:] != -100).sum())
+            return orig(self, model, inputs, *a, **k)
+
+        Counting.compute_loss = counted
+    start = time.perf_counter()
+    trainer.train()
+    (t0, tok0, tr0), (t1, tok1, tr1) = marks[0], marks[-1]
+    return {
+        "variant": variant,
+        "steps": len(marks),
+        "measured_steps": len(marks) - 1,
+        "seconds": t1 - t0,
+        "non_padding_tokens_per_s": (tok1 - tok0) / (t1 - t0),
+        "trained_tokens_per_s": (tr1 - tr0) / (t1 - t0),
+        "first_step_s": marks[0][0] - start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def footprint(model_dir: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    fp32 = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+    f32 = fp32.get_memory_footprint()
+    del fp32
+    out = {"fp32_mb": f32 / 2**20}
+    # int8 linear layers; the rest (embeddings, norms) in fp16 as alpaca-lora loads it, or in fp32 as
+    # prepare_model_for_kbit_training keeps it for training on the CPU.
+    for name, rest in (("int8_mb", torch.float16), ("int8_fp32_rest_mb", torch.float32)):
+        int8 = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=rest,
+            use_safetensors=True,
+        )
+        out[name] = int8.get_memory_footprint() / 2**20
+        del int8
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "models/base")
+    ap.add_argument("--samples", type=int, default=96, help="synthetic transcripts (the sampler draws from them)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per variant; the first is warm-up")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--variants", default="reference,ours")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.worker:
+        res = footprint(a.model) if a.worker == "footprint" else worker(
+            a.worker, a.data, a.model, a.steps, a.micro_batch, a.grad_accum
+        )
+        a.json.write_text(json.dumps(res))
+        return
+
+    if not (a.model / "config.json").is_file():
+        sys.exit(f"{a.model}: no model folder (run `dvc repro base_model` or pass --model)")
+    from datasets import Dataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-data-"))
+    rows = build_rows(a.model, a.samples)
+    Dataset.from_list(rows).save_to_disk(str(tmp / "data"))
+    lengths = sorted(r["length"] for r in rows)
+    print(f"{len(rows)} transcripts, tokens min/median/mean/max = {lengths[0]}/{lengths[len(lengths) // 2]}/"
+          f"{sum(lengths) / len(lengths):.0f}/{lengths[-1]}; padding share at 512: "
+          f"{1 - sum(lengths) / (512 * len(lengths)):.0%}; micro-batch {a.micro_batch} x accumulation {a.grad_accum}",
+          flush=True)
+
+    results = {}
+    for name in [*a.variants.split(","), "footprint"]:
+        out = tmp / f"{name}.json"
+        cmd = [sys.executable, __file__, "--worker", name, "--data", str(tmp / "data"), "--json", str(out),
+               "--model", str(a.model), "--steps", str(a.steps), "--micro-batch", str(a.micro_batch),
+               "--grad-accum", str(a.grad_accum)]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(out.read_text())
+        print(f"  {name}: done in {time.perf_counter() - t:.0f} s: {results[name]}", flush=True)
+
+    ref = results.get("reference")
+    print()
+    print("| variant | non-padding tokens/s | trained tokens/s | peak RSS (MB) | vs reference: tokens/s, RSS |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name in a.variants.split(","):
+        r = results[name]
+        rel = (f"{r['non_padding_tokens_per_s'] / ref['non_padding_tokens_per_s']:.2f}x, "
+               f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x") if ref else ""
+        print(f"| {name} | {r['non_padding_tokens_per_s']:.0f} | {r['trained_tokens_per_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {rel} |")
+    fp = results["footprint"]
+    print(f"\nweights footprint (get_memory_footprint): fp32 {fp['fp32_mb']:.0f} MB; int8 + fp16 rest "
+          f"{fp['int8_mb']:.0f} MB = {fp['int8_mb'] / fp['fp32_mb']:.2f}x; int8 + fp32 rest (as trained on CPU) "
+          f"{fp['int8_fp32_rest_mb']:.0f} MB = {fp['int8_fp32_rest_mb'] / fp['fp32_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

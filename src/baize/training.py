@@ -1,0 +1,529 @@
+"""int8 LoRA fine-tuning of the base model on the tokenized Baize transcripts, in one file.
+
+The whole path, top to bottom (alpaca-lora's `finetune.py`, with what the CPU taught us):
+
+1. `load_splits`: the `train`/`val` datasets written by the tokenize stage (`input_ids`, `labels`, `length`).
+2. `load_base_model`: the frozen base, quantized to int8 by bitsandbytes (or kept bf16/fp32), prepared for
+   k-bit training; `add_lora` puts rank-8 adapters on q, k, v, gate, up and down (the paper's settings).
+3. `BaizeTrainer` (the transformers Trainer) with:
+   - length-grouped batches and padding only to the longest sample of each batch (`pad_batch`), instead of
+     padding every sample to 512: on the self-chat length distribution most of a 512-pad batch is padding, and
+     attention costs grow with the square of the padded length;
+   - a loss that projects onto the 49k-token vocabulary only the positions that are trained
+     (`labels != -100`): the fp32 logits of every position, their softmax and gradient are the largest
+     temporaries of a small model's step;
+   - gradient checkpointing (params), which keeps one layer's activations instead of all of them;
+   - a clear stop (`LossDivergedError`, exit 1) as soon as the loss is NaN/inf.
+4. Checkpoints every `save_steps` into `checkpoints/<fingerprint>/`, where the fingerprint covers the params,
+   the data and the base model: a re-run after a crash resumes the same run; changed params or data start over.
+5. `save_adapter`: only the LoRA weights (safetensors), the tokenizer with its chat template and
+   `baize_adapter.json` (MLflow run, base model sha256, params).
+
+MLflow: when a run is active (the stage opens it), rank 0 logs per-step metrics into it; nothing here opens runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from baize.config import TrainParams
+from baize.errors import BaizeError, InputError
+
+ADAPTER_META = "baize_adapter.json"
+REQUIRED_COLUMNS = ("input_ids", "labels")
+IGNORE = -100  # label of a position that is not trained (prompt, padding)
+
+
+class _DropExpected(logging.Filter):
+    # bitsandbytes' int8 inference path (evaluation) logs this once per layer and call; it is expected.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropExpected())
+
+
+class LossDivergedError(BaizeError):
+    """The training loss became NaN or infinite: the run stops instead of writing a broken adapter."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_splits(data_dir: str | os.PathLike):
+    """The tokenized `train` and `val` datasets (val may be absent or empty: then no evaluation)."""
+    from datasets import load_from_disk
+
+    data_dir = Path(data_dir)
+    splits = {}
+    for name in ("train", "val"):
+        path = data_dir / name
+        if not path.is_dir():
+            if name == "val":
+                splits[name] = None
+                continue
+            raise InputError(path, None, "missing tokenized split (run the tokenize stage first)")
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as exc:  # datasets raises several types for a broken folder
+            raise InputError(path, None, f"not a saved Hugging Face dataset ({type(exc).__name__}: {exc})") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise InputError(path, None, f"missing column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})")
+        if "length" not in ds.column_names:  # the length-grouped sampler reads it instead of re-measuring
+            ds = ds.map(lambda row: {"length": len(row["input_ids"])})
+        splits[name] = ds
+    if len(splits["train"]) == 0:
+        raise InputError(data_dir / "train", None, "no training samples")
+    if splits["val"] is not None and len(splits["val"]) == 0:
+        splits["val"] = None
+    return splits["train"], splits["val"]
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the positions whose next-token prediction is trained (position t predicts label t+1)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def pad_batch(features: list[dict[str, Any]], pad_token_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sample (or to `pad_to`); padding gets label -100 and attention 0."""
+    width = pad_to or max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = min(len(f["input_ids"]), width)
+        input_ids[i, :n] = torch.as_tensor(f["input_ids"][:n])
+        labels[i, :n] = torch.as_tensor(f["labels"][:n])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class PadCollator:
+    """Dynamic padding (a class, not a lambda, so dataloader workers can pickle it)."""
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
+
+    def __call__(self, features):
+        return pad_batch(features, self.pad_token_id, self.pad_to)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def release_freed_memory() -> None:
+    """Make glibc return large freed blocks to the OS instead of keeping them in its heap.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which the
+    per-layer temporaries of a training step (tens of MB each, all different sizes) come from the heap and stay
+    resident once freed. Measured on SmolLM2-135M, int8, 4 x 437 tokens: peak RSS 4.2 GB -> 2.6 GB, because a
+    fixed threshold (128 KiB, the glibc default) turns that dynamic raise off. No-op off glibc.
+    Not called by `train`: every large allocation then costs fresh page faults, ~40% fewer tokens/s on this
+    CPU (benchmarks/train_throughput.py, variant `ours-mmap-threshold`). Call it first when memory is tight.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _local_device_map():
+    # bitsandbytes wants the int8 weights placed at load time; one device per process under DDP.
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return None
+
+
+def load_base_model(model_dir: str | os.PathLike, precision: str, gradient_checkpointing: bool = False):
+    """The frozen base model: int8 (bitsandbytes), bf16 or fp32; safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InputError(model_dir, None, "no config.json: not a Hugging Face model folder (run the base_model stage)")
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    if precision == "int8":
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32)
+        kwargs["device_map"] = _local_device_map()
+    else:
+        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(model_dir, None, f"cannot load the base model: {str(exc).splitlines()[0]}") from None
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    ckpt_kwargs = {"use_reentrant": False}  # the non-reentrant variant works with frozen inputs and DDP
+    if precision == "int8":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
+    return model
+
+
+def add_lora(model, params: TrainParams):
+    """Rank-`lora_r` adapters on `target_modules`; everything else stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in params.target_modules if m not in names]
+    if missing:
+        raise BaizeError(f"train.target_modules: {', '.join(missing)} not found in the base model")
+    config = LoraConfig(
+        r=params.lora_r,
+        lora_alpha=params.lora_alpha,
+        lora_dropout=params.lora_dropout,
+        target_modules=list(params.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class BaizeTrainer(Trainer):
+    """The Trainer with a loss over trained positions only and a hard stop on a NaN/inf loss."""
+
+    trained_tokens = 0  # label tokens this process trained on (not counting a resumed run's earlier part)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        keep = trained_positions(labels)
+        # Only the kept positions go through lm_head: no [batch, seq, 49k] fp32 logits tensor.
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+        targets = labels[:, 1:][keep[:, :-1]]
+        loss_sum = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+        if model.training:
+            if not torch.isfinite(loss_sum):
+                raise LossDivergedError(
+                    f"training loss became {loss_sum.item()} at step {self.state.global_step + 1}: stopped "
+                    f"(lower train.learning_rate={self.args.learning_rate:g}, or check the data and base model); no adapter written"
+                )
+            self.trained_tokens += int(targets.numel())
+        if num_items_in_batch is not None:
+            # Normalised over the whole accumulated (and, with DDP, global) batch, as the Trainer's own loss is:
+            # each trained token weighs the same whatever the length of the sample it is in.
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        else:
+            loss = loss_sum / max(targets.numel(), 1)
+        return (loss, outputs) if return_outputs else loss
+
+
+class MlflowSteps(TrainerCallback):
+    """Per-step metrics into the active MLflow run (rank 0 only): loss, learning_rate, eval_loss, ..."""
+
+    def __init__(self):
+        self.logged_steps: set[int] = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        import mlflow
+
+        if mlflow.active_run() is None:
+            return
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if metrics:
+            mlflow.log_metrics(metrics, step=state.global_step)
+            self.logged_steps.add(state.global_step)
+
+
+def training_arguments(params: TrainParams, run_dir: Path, has_eval: bool) -> TrainingArguments:
+    on_cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=params.micro_batch_size,
+        per_device_eval_batch_size=params.micro_batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        num_train_epochs=params.num_epochs,
+        max_steps=params.max_steps,
+        learning_rate=params.learning_rate,
+        warmup_steps=params.warmup_steps,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        seed=params.seed,
+        data_seed=params.seed,
+        # Batches of similar lengths (the `length` column), padded per batch by `PadCollator`.
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        remove_unused_columns=False,
+        logging_steps=params.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must be seen, not averaged away
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=params.eval_steps,
+        prediction_loss_only=True,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=2,  # the newest may be cut short by a kill -9; the one before is complete
+        save_only_model=False,  # optimizer, scheduler and RNG state are what make a resume exact
+        report_to="none",  # the stage owns the one MLflow run; see MlflowSteps
+        use_cpu=on_cpu,
+        bf16=params.precision == "bf16" and not on_cpu,
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints and fingerprint
+
+
+def _sha256_files(paths: list[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(data_dir: str | os.PathLike, split: str) -> str:
+    """sha256 of a saved split's files (content, not paths or mtimes)."""
+    folder = Path(data_dir) / split
+    if not folder.is_dir():
+        return ""
+    return _sha256_files([p for p in folder.rglob("*") if p.is_file()], folder)
+
+
+def base_model_sha256(model_dir: str | os.PathLike) -> str:
+    """The base model's weights sha256, from `source.json` (base_model stage) or hashed here."""
+    model_dir = Path(model_dir)
+    source = model_dir / "source.json"
+    if source.is_file():
+        files = (json.loads(source.read_text(encoding="utf-8")).get("files")) or {}
+        weights = {k: v for k, v in files.items() if k.endswith(".safetensors")}
+        if len(weights) == 1:
+            return next(iter(weights.values()))
+        if weights:
+            return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
+    return _sha256_files(list(model_dir.glob("*.safetensors")), model_dir)
+
+
+def run_fingerprint(params: TrainParams, data: dict[str, str], base_sha256: str) -> str:
+    """What must be equal for a checkpoint to be resumable: params, data and base weights."""
+    blob = json.dumps({"params": params.model_dump(mode="json"), "data": data, "base": base_sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` with a readable trainer_state.json (written last, so the save finished)."""
+    found = []
+    for path in run_dir.glob("checkpoint-*"):
+        try:
+            step = int(path.name.split("-", 1)[1])
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
+        found.append((step, path))
+    return max(found)[1] if found else None
+
+
+def remove_stale_runs(checkpoints_dir: Path, keep: str) -> None:
+    """Checkpoints of other params/data can never be resumed: delete them (they are large)."""
+    if not checkpoints_dir.is_dir():
+        return
+    for child in checkpoints_dir.iterdir():
+        if child.is_dir() and child.name != keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per step from the Trainer's log history (which survives a resume): loss, lr, eval_loss."""
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None:
+            continue
+        row = rows.setdefault(step, {"step": step, "loss": "", "learning_rate": "", "eval_loss": ""})
+        for key in ("loss", "learning_rate", "eval_loss"):
+            if key in entry:
+                row[key] = entry[key]
+    return [rows[s] for s in sorted(rows)]
+
+
+def write_steps_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "learning_rate", "eval_loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def load_tokenizer(data_dir: Path, model_dir: Path):
+    """The tokenizer the tokenize stage saved (with the Baize chat template), else the base model's."""
+    from transformers import AutoTokenizer
+
+    folder = data_dir / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        folder = model_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_adapter(model, tokenizer, out_dir: Path, meta: dict[str, Any]) -> None:
+    """Adapter weights (safetensors) + tokenizer + baize_adapter.json, swapped in atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)  # PEFT: only the LoRA weights
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    steps: list[dict[str, Any]]
+    resumed_from: str | None
+    is_main_process: bool
+    model: Any = None
+    tokenizer: Any = None
+    base_sha256: str = ""
+    data_digests: dict[str, str] | None = None
+    mlflow_logged_steps: set[int] | None = None
+
+
+def train(
+    params: TrainParams,
+    *,
+    data_dir: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    checkpoints_dir: str | os.PathLike,
+    callbacks: list[TrainerCallback] | None = None,
+) -> TrainResult:
+    """Train the adapter; resume from the last complete checkpoint of the same params+data+base, if any.
+
+    Returns the metrics (on every process) and the trained PEFT model; the caller saves it (rank 0).
+    """
+    data_dir, model_dir, checkpoints_dir = Path(data_dir), Path(model_dir), Path(checkpoints_dir)
+    started = time.perf_counter()
+    train_ds, val_ds = load_splits(data_dir)
+    digests = {"train": data_digest(data_dir, "train"), "val": data_digest(data_dir, "val")}
+    base_sha = base_model_sha256(model_dir)
+    fingerprint = run_fingerprint(params, digests, base_sha)
+    run_dir = checkpoints_dir / fingerprint
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        remove_stale_runs(checkpoints_dir, keep=fingerprint)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_complete_checkpoint(run_dir) if run_dir.is_dir() else None
+
+    tokenizer = load_tokenizer(data_dir, model_dir)
+    torch.manual_seed(params.seed)
+    model = add_lora(load_base_model(model_dir, params.precision, params.gradient_checkpointing), params)
+    mlflow_steps = MlflowSteps()
+    trainer = BaizeTrainer(
+        model=model,
+        args=training_arguments(params, run_dir, has_eval=val_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=[mlflow_steps, *(callbacks or [])],
+    )
+
+    base_eval: dict[str, float] = {}
+    if val_ds is not None and resume is None:
+        # LoRA's B matrices start at zero, so the untrained adapter *is* the base model: its val loss is the
+        # number to beat. (Skipped on resume: the adapter is no longer the base.)
+        base_eval = trainer.evaluate(metric_key_prefix="base_eval")
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final_eval = trainer.evaluate() if val_ds is not None else {}
+
+    trained = trainer.accelerator.reduce(torch.tensor(trainer.trained_tokens, dtype=torch.long), reduction="sum")
+    trained_tokens = int(trained.item())
+    runtime = float(out.metrics.get("train_runtime") or 0.0)
+    rows = step_rows(trainer.state.log_history)
+    losses = [r["loss"] for r in rows if r["loss"] != ""]
+    metrics: dict[str, Any] = {
+        "train_loss": float(out.training_loss),
+        "final_train_loss": float(losses[-1]) if losses else None,
+        "eval_loss": final_eval.get("eval_loss"),
+        "eval_perplexity": _ppl(final_eval.get("eval_loss")),
+        "base_eval_loss": base_eval.get("base_eval_loss"),
+        "base_eval_perplexity": _ppl(base_eval.get("base_eval_loss")),
+        "steps": int(trainer.state.global_step),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "train_samples": len(train_ds),
+        "val_samples": len(val_ds) if val_ds is not None else 0,
+        "trained_tokens": trained_tokens,
+        "input_tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "trained_tokens_per_s": trained_tokens / runtime if runtime > 0 else None,
+        "train_runtime_s": runtime,
+        "total_runtime_s": time.perf_counter() - started,
+        "peak_rss_mb": peak_rss_mb(),
+        "resumed_from_step": int(resume.name.split("-", 1)[1]) if resume else 0,
+        "num_processes": int(trainer.accelerator.num_processes),
+        "effective_batch_size": params.micro_batch_size
+        * params.gradient_accumulation_steps
+        * int(trainer.accelerator.num_processes),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "weights_footprint_mb": model.get_memory_footprint() / 2**20,
+    }
+    return TrainResult(
+        metrics=metrics,
+        steps=rows,
+        resumed_from=str(resume) if resume else None,
+        is_main_process=trainer.is_world_process_zero(),
+        model=trainer.model if not hasattr(trainer.model, "module") else trainer.model.module,
+        tokenizer=tokenizer,
+        base_sha256=base_sha,
+        data_digests={**digests, "fingerprint": fingerprint, "run_dir": str(run_dir)},
+        mlflow_logged_steps=mlflow_steps.logged_steps,
+    )
+
+
+def _ppl(loss: float | None) -> float | None:
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,338 @@
+"""The train stage: loss over trained positions, outputs + one MLflow run, kill -9 resume, NaN stop, DDP.
+
+The stage tests run `python -m stages.train` in a temporary project with a *tiny* random LLaMA (2 layers,
+hidden 64) that uses the real SmolLM2 tokenizer, so each run takes seconds; the int8 path is the real
+bitsandbytes one. Throughput and memory of the real 135M model are measured by benchmarks/train_throughput.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from baize import training
+from baize.config import TrainParams
+from baize.formats import render_training
+from baize.transcript import Turn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOPICS = ["sorting a list in Python", "baking sourdough bread", "the causes of inflation", "learning to swim",
+          "how vaccines work", "planning a trip to Japan", "writing a cover letter", "caring for a cat"]
+
+
+def _transcripts(n: int) -> list[list[Turn]]:
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        turns = []
+        for r in range(1 + i % 3):
+            turns.append(Turn(role="human", text=f"Can you tell me more about {topic}? (question {r + 1})"))
+            turns.append(Turn(role="ai", text=f"Sure. {topic.capitalize()} is a broad subject. " * (1 + (i + r) % 4)))
+        out.append(turns)
+    return out
+
+
+def _tokenized(tokenizer, transcripts, max_length=160):
+    """Rows as the tokenize stage writes them; loss on everything after the preamble's first line."""
+    rows = []
+    for i, turns in enumerate(transcripts):
+        ids = tokenizer(render_training(turns), truncation=True, max_length=max_length)["input_ids"]
+        labels = list(ids)
+        labels[:8] = [-100] * 8
+        rows.append({"id": f"t{i}", "input_ids": ids, "labels": labels, "length": len(ids)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_project(base_model_dir, tmp_path_factory) -> Path:
+    """models/base (tiny random LLaMA + real tokenizer) and data/tokenized/{train,val,tokenizer}."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("train-project")
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "models/base", safe_serialization=True)
+    tokenizer.save_pretrained(root / "models/base")
+    tokenizer.save_pretrained(root / "data/tokenized/tokenizer")
+    rows = _tokenized(tokenizer, _transcripts(40))
+    Dataset.from_list(rows[:32]).save_to_disk(str(root / "data/tokenized/train"))
+    Dataset.from_list(rows[32:]).save_to_disk(str(root / "data/tokenized/val"))
+    return root
+
+
+def _write_params(project: Path, **train) -> None:
+    base = {"precision": "int8", "micro_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
+            "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_steps": 4}
+    base.update(train)
+    params = {"tracking": {"experiment": "baize-test", "log_artifacts": True}, "train": base}
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+
+
+def _env(project: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]),
+        MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+        BAIZE_PIPELINE_ID="test-train",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def _run_stage(project: Path, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stages.train"], cwd=project, env=_env(project),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _fresh(tiny_project: Path, tmp_path: Path) -> Path:
+    """A private copy of the project's inputs (outputs of one test never leak into another)."""
+    project = tmp_path / "p"
+    (project / "models").mkdir(parents=True)
+    (project / "data").mkdir()
+    os.symlink(tiny_project / "models/base", project / "models/base")
+    os.symlink(tiny_project / "data/tokenized", project / "data/tokenized")
+    return project
+
+
+def _stage_runs(project: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("baize-test")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`baize.stage` = 'train' and tags.`baize.kind` = 'stage'")
+    return client, runs
+
+
+# --------------------------------------------------------------------------- fast unit tests
+
+
+def test_pad_batch_pads_to_longest_with_ignored_labels():
+    batch = training.pad_batch(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert training.pad_batch([{"input_ids": [1], "labels": [1]}], 0, pad_to=4)["input_ids"].shape == (1, 4)
+
+
+def test_trained_positions_are_shifted_labels():
+    labels = torch.tensor([[-100, -100, 3, 4, -100]])
+    # position t predicts token t+1: positions 1 and 2 are trained
+    assert training.trained_positions(labels).tolist() == [[False, True, True, False, False]]
+
+
+def test_fingerprint_changes_with_params_and_data_and_stale_runs_are_removed(tmp_path):
+    p = TrainParams()
+    fp = training.run_fingerprint(p, {"train": "a", "val": "b"}, "w")
+    assert fp == training.run_fingerprint(TrainParams(), {"train": "a", "val": "b"}, "w")
+    assert fp != training.run_fingerprint(p.model_copy(update={"learning_rate": 1e-3}), {"train": "a", "val": "b"}, "w")
+    assert fp != training.run_fingerprint(p, {"train": "c", "val": "b"}, "w")
+    assert fp != training.run_fingerprint(p, {"train": "a", "val": "b"}, "other-base")
+    (tmp_path / fp / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "0123456789abcdef" / "checkpoint-8").mkdir(parents=True)
+    training.remove_stale_runs(tmp_path, keep=fp)
+    assert [c.name for c in tmp_path.iterdir()] == [fp]
+
+
+def test_last_complete_checkpoint_skips_a_save_cut_short(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-4").mkdir()  # killed before trainer_state.json was written
+    assert training.last_complete_checkpoint(tmp_path).name == "checkpoint-2"
+    assert training.last_complete_checkpoint(tmp_path / "checkpoint-4") is None
+
+
+@pytest.mark.slow
+def test_loss_over_trained_positions_equals_the_full_logits_loss(tiny_project):
+    """Projecting only the trained positions onto the vocabulary gives the same loss and gradients."""
+    from transformers import TrainingArguments
+
+    model = training.add_lora(training.load_base_model(tiny_project / "models/base", "fp32"), TrainParams(lora_dropout=0.0))
+    rows = _tokenized(training.load_tokenizer(tiny_project / "data/tokenized", tiny_project), _transcripts(3))
+    batch = training.pad_batch(rows, pad_token_id=0)
+    trainer = training.BaizeTrainer(model=model, args=TrainingArguments(str(tiny_project / "unused"), use_cpu=True, report_to="none"))
+    ours = trainer.compute_loss(model, batch)
+    ours.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    reference = model(**batch).loss  # transformers' loss over the full [batch, seq, vocab] logits
+    reference.backward()
+    assert torch.allclose(ours, reference, atol=1e-5)
+    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_stage_writes_adapter_metrics_plots_and_one_mlflow_run(tiny_project, tmp_path):
+    project = _fresh(tiny_project, tmp_path)
+    _write_params(project, max_steps=4)
+    proc = _run_stage(project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    adapter = project / "models/adapter"
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "baize_adapter.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert keys and all("lora_" in k for k in keys)  # only the adapter, not the base weights
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+
+    metrics = json.loads((project / "reports/train/metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["resumed_from_step"] == 0
+    assert metrics["effective_batch_size"] == 8 and metrics["trained_tokens"] > 0
+    for key in ("train_loss", "eval_loss", "eval_perplexity", "base_eval_perplexity", "trained_tokens_per_s", "peak_rss_mb"):
+        assert metrics[key] is not None and metrics[key] > 0, key
+    with (project / "reports/train/steps.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) > 0 and r["learning_rate"] for r in rows)
+    assert [r["step"] for r in rows if r["eval_loss"]] == ["2", "4"]
+    assert not any((project / "models/checkpoints").iterdir())  # done: nothing left to resume
+
+    client, runs = _stage_runs(project)
+    assert len(runs) == 1
+    run = runs[0]
+    meta = json.loads((adapter / "baize_adapter.json").read_text())
+    assert meta["mlflow_run_id"] == run.info.run_id
+    assert meta["base_model_sha256"] == training.base_model_sha256(project / "models/base")
+    assert meta["params"]["max_steps"] == 4
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.params["train.learning_rate"] == "0.001"
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"tokenized-train", "tokenized-val"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_kill_9_mid_run_then_rerun_resumes_and_finishes(tiny_project, tmp_path):
+    project = _fresh(tiny_project, tmp_path)
+    _write_params(project, max_steps=30, save_steps=3, eval_steps=100)
+    ckpts = project / "models/checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=project, env=_env(project),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(ckpts.glob("*/checkpoint-6/trainer_state.json")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (project / "models/adapter").exists()
+    saved = training.last_complete_checkpoint(next(ckpts.iterdir()))
+    step_at_kill = json.loads((saved / "trainer_state.json").read_text())["global_step"]
+    assert 6 <= step_at_kill < 30
+
+    done = _run_stage(project, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((project / "reports/train/metrics.json").read_text())
+    assert metrics["resumed_from_step"] == step_at_kill  # continued, not restarted
+    assert metrics["steps"] == 30
+    with (project / "reports/train/steps.csv").open() as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(1, 31))  # the whole run, once each
+    _, runs = _stage_runs(project)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) == 1  # the killed run never finished; the resumed one did
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_stale_checkpoint_of_other_params_is_not_resumed(tiny_project, tmp_path):
+    project = _fresh(tiny_project, tmp_path)
+    stale = project / "models/checkpoints/0123456789abcdef/checkpoint-2"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text('{"global_step": 2}')
+    _write_params(project, max_steps=2)
+    proc = _run_stage(project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((project / "reports/train/metrics.json").read_text())["resumed_from_step"] == 0
+    assert not stale.parent.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_nan_loss_stops_with_a_clear_message(tiny_project, tmp_path):
+    """A base whose final norm holds a NaN (a corrupted download, an overflow) makes every loss NaN."""
+    from transformers import LlamaForCausalLM
+
+    project = _fresh(tiny_project, tmp_path)
+    os.unlink(project / "models/base")
+    model = LlamaForCausalLM.from_pretrained(tiny_project / "models/base")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(project / "models/base", safe_serialization=True)
+    training.load_tokenizer(tiny_project / "data/tokenized", tiny_project).save_pretrained(project / "models/base")
+    _write_params(project, precision="fp32", max_steps=4)
+    proc = _run_stage(project)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training loss became nan at step 1") and "train.learning_rate" in last, last
+    assert "Traceback" not in proc.stderr
+    assert not (project / "models/adapter").exists()
+    _, runs = _stage_runs(project)
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.parametrize(
+    ("train", "needle"),
+    [({"lora_r": 0}, "train.lora_r"), ({"learning_rate": "fast"}, "train.learning_rate"), ({"lora_rank": 8}, "lora_rank")],
+)
+def test_bad_params_exit_2_before_any_work(tmp_path, train, needle):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {}, "train": train}), encoding="utf-8")
+    proc = _run_stage(tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
+    """`num_processes: 2` re-runs the stage under `accelerate launch` (gloo DDP); rank 0 alone writes outputs."""
+    project = _fresh(tiny_project, tmp_path)
+    _write_params(project, num_processes=2, max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1)
+    proc = _run_stage(project, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "accelerate.commands.launch --num_processes 2" in proc.stderr
+    metrics = json.loads((project / "reports/train/metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 4 and metrics["steps"] == 2
+    assert (project / "models/adapter/adapter_model.safetensors").is_file()
+    _, runs = _stage_runs(project)
+    assert len(runs) == 1
