@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -87,12 +88,24 @@ def input_hashes(stage: str) -> dict[str, str]:
                 locked[out["path"]] = out["md5"]
     hashes = {}
     for dep in spec.get("deps", []):
-        dep = str(dep)
+        dep = _interpolate(str(dep))
         if dep in locked:
             hashes[f"dvc.dep.{dep}"] = locked[dep]
         elif Path(dep).is_file():
             hashes[f"dvc.dep.{dep}"] = _file_md5(Path(dep))
     return hashes
+
+
+def _interpolate(text: str) -> str:
+    """Resolve dvc.yaml templating such as `${validate.input}` from params.yaml, as DVC does."""
+
+    def value(match: re.Match) -> str:
+        node: Any = yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")) or {}
+        for part in match.group(1).strip().split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return match.group(0) if node is None else str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", value, text)
 
 
 def pipeline_id() -> str:

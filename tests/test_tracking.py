@@ -100,3 +100,13 @@ def test_failed_stage_marks_run_failed(tmp_path, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     run = client.search_runs([client.get_experiment_by_name("t").experiment_id])[0]
     assert run.info.status == "FAILED"
+
+
+def test_input_hashes_resolve_dvc_templating(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("validate:\n  input: data/in.jsonl\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"v": {"cmd": "x", "deps": ["${validate.input}"]}}}))
+    (tmp_path / "dvc.lock").write_text(
+        yaml.safe_dump({"schema": "2.0", "stages": {"s": {"outs": [{"path": "data/in.jsonl", "md5": "f00"}]}}})
+    )
+    assert _common.input_hashes("v") == {"dvc.dep.data/in.jsonl": "f00"}

@@ -1,0 +1,233 @@
+"""End to end: `dvc repro` of the micro profile in a fresh git repo, through every stage, offline.
+
+Then: the outputs, dvc.lock and the MLflow runs are checked; a second `dvc repro` does nothing; `dvc push`
+and a `dvc pull` into a fresh clone restore the data and models; `dvc exp run --temp` logs to the root store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _copy_project(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files: what a clone of the branch being tested would hold."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    repo = work / "repo"
+    repo.mkdir()
+    _copy_project(repo)
+    # A fresh run: no lock file and no stage outputs, whatever this checkout has produced.
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for item in entry.get("outs", []) + entry.get("metrics", []) + entry.get("plots", []):
+            path = repo / (item if isinstance(item, str) else next(iter(item)))
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    shutil.copy(repo / "profiles" / "micro.yaml", repo / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "BAIZE_", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
+    )
+    _run(["git", "init", "-q", "-b", "main"], repo, env)
+    _run(["dvc", "remote", "modify", "--local", "local", "url", str(work / "remote")], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "micro profile"], repo, env)
+    started = time.monotonic()
+    repro = _run(["dvc", "repro"], repo, env, timeout=1200)
+    elapsed = time.monotonic() - started
+    print(f"dvc repro (micro profile): {elapsed:.0f} s")
+    return {"repo": repo, "work": work, "env": env, "repro": repro}
+
+
+def test_every_stage_ran_and_is_locked(pipeline):
+    repo = pipeline["repo"]
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in pipeline["repro"].stdout
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage, entry in spec.items():
+        for out in entry.get("outs", []):
+            path = out if isinstance(out, str) else next(iter(out))
+            assert (repo / path).exists(), f"{stage}: {path} missing"
+        for metric in entry.get("metrics", []):
+            path = metric if isinstance(metric, str) else next(iter(metric))
+            assert json.loads((repo / path).read_text()), f"{stage}: {path} empty"
+    status = _run(["dvc", "status", "--json"], repo, pipeline["env"])
+    assert json.loads(status.stdout) == {}
+
+
+def test_base_model_folder_and_provenance(pipeline):
+    base = pipeline["repo"] / "models" / "base"
+    source = json.loads((base / "source.json").read_text())
+    assert source["kind"] == "packaged"
+    assert list(base.glob("*.safetensors")) and (base / "config.json").is_file()
+    assert (base / "tokenizer.json").is_file() or (base / "tokenizer.model").is_file()
+    assert not list(base.glob("*.bin")) and not list(base.glob("*.pt"))
+    for name, digest in source["files"].items():
+        assert _sha256(base / name) == digest
+
+
+def test_one_mlflow_run_per_stage_grouped_and_tagged(pipeline):
+    from mlflow import MlflowClient
+
+    repo = pipeline["repo"]
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(yaml.safe_load((repo / "params.yaml").read_text())["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`baize.kind` = 'stage'")
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags["baize.stage"], []).append(run)
+    assert set(by_stage) == set(STAGES)
+    assert all(len(r) == 1 for r in by_stage.values()), {k: len(v) for k, v in by_stage.items()}
+    commit = _run(["git", "rev-parse", "HEAD"], repo, pipeline["env"]).stdout.strip()
+    pipeline_ids = {run.data.tags["baize.pipeline_id"] for run in runs}
+    assert len(pipeline_ids) == 1
+    parents = {run.data.tags["mlflow.parentRunId"] for run in runs}
+    assert len(parents) == 1
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    locked_outs = {o["path"]: o["md5"] for entry in lock.values() for o in entry.get("outs", [])}
+    for stage, [run] in by_stage.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.source.git.commit"] == commit
+        for dep in lock[stage].get("deps", []):
+            if dep["path"] in locked_outs:
+                assert run.data.tags[f"dvc.dep.{dep['path']}"] == dep["md5"], (stage, dep["path"])
+
+
+def test_second_repro_does_nothing(pipeline):
+    started = time.monotonic()
+    proc = _run(["dvc", "repro"], pipeline["repo"], pipeline["env"])
+    elapsed = time.monotonic() - started
+    assert "Running stage" not in proc.stdout
+    assert "up to date" in proc.stdout
+    print(f"no-op dvc repro: {elapsed:.1f} s")
+
+
+def test_push_then_pull_in_a_fresh_clone(pipeline):
+    repo, work, env = pipeline["repo"], pipeline["work"], pipeline["env"]
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "pipeline outputs"], repo, env)
+    _run(["dvc", "push"], repo, env)
+    clone = work / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], work, env)
+    _run(["dvc", "remote", "modify", "--local", "local", "url", str(work / "remote")], clone, env)
+    assert not (clone / "models" / "base").exists()
+    _run(["dvc", "pull"], clone, env)
+    source = json.loads((clone / "models" / "base" / "source.json").read_text())
+    for name, digest in source["files"].items():
+        assert _sha256(clone / "models" / "base" / name) == digest
+    status = json.loads(_run(["dvc", "status", "--json"], clone, env).stdout)
+    # Only the uncached, emptied checkpoint folder of a finished training may be absent from a clone.
+    assert all(
+        change == {"changed outs": {"models/checkpoints": "deleted"}} for entry in status.values() for change in entry
+    ), status
+
+
+def test_exp_run_temp_logs_to_the_root_store(pipeline):
+    from mlflow import MlflowClient
+
+    repo, env = pipeline["repo"], pipeline["env"]
+    _run(["git", "add", "-A"], repo, env)
+    subprocess.run(["git", "commit", "-qm", "state"], cwd=repo, env=env, capture_output=True)
+    _run(["dvc", "exp", "run", "--temp", "-n", "tmp-exp", "-S", "model.dtype=float32", "base_model"], repo, env)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp_runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="tags.`dvc.exp_name` = 'tmp-exp' and tags.`baize.kind` = 'stage'",
+    )
+    assert [r.data.tags["baize.stage"] for r in exp_runs] == ["base_model"]
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_mlflow_ui_serves_the_runs_with_their_tags(pipeline):
+    """`mlflow ui` on the default store (as the README shows) lists the stage runs and their tags."""
+    import socket
+    import urllib.request
+
+    repo, env = pipeline["repo"], pipeline["env"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/", timeout=10) as resp:
+            assert "<html" in resp.read().decode("utf-8", "replace").lower()
+        name = yaml.safe_load((repo / "params.yaml").read_text())["tracking"]["experiment"]
+        with urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}", timeout=10
+        ) as resp:
+            exp_id = json.load(resp)["experiment"]["experiment_id"]
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [exp_id], "max_results": 100}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            runs = json.load(resp)["runs"]
+        stages = {}
+        for run in runs:
+            tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            if tags.get("baize.kind") == "stage":
+                stages[tags["baize.stage"]] = tags
+        assert set(STAGES) <= set(stages)
+        assert all("mlflow.source.git.commit" in tags and "baize.pipeline_id" in tags for tags in stages.values())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
