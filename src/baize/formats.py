@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from baize.errors import BaizeError, InputError
-from baize.transcript import Transcript, Turn, atomic_write_text
+from baize.transcript import Transcript, Turn, atomic_write_text, iter_json_lines
 
 PREAMBLE = "The conversation between human and AI assistant.\n"
 HUMAN = "[|Human|]"
@@ -239,25 +239,14 @@ def import_openai_jsonl(path: str | os.PathLike) -> list[Transcript]:
     """Read OpenAI fine-tuning JSONL; user -> human, assistant -> ai, system kept in meta["system"]."""
     path = Path(path)
     out = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(path, lineno, f"invalid UTF-8 at byte {e.start}") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, lineno, f"invalid or truncated JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict) or "messages" not in obj:
-                raise InputError(path, lineno, "expected an object with a 'messages' list")
-            try:
-                t = from_messages(obj["messages"], source=f"openai-jsonl:{path.name}", meta={"line": lineno})
-            except ValueError as e:
-                raise InputError(path, lineno, str(e)) from None
-            out.append(t)
+    for lineno, obj in iter_json_lines(path):
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise InputError(path, lineno, "expected an object with a 'messages' list")
+        try:
+            t = from_messages(obj["messages"], source=f"openai-jsonl:{path.name}", meta={"line": lineno})
+        except ValueError as e:
+            raise InputError(path, lineno, str(e)) from None
+        out.append(t)
     return out
 
 

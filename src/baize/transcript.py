@@ -103,26 +103,33 @@ def describe_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[Transcript]:
-    """Yield transcripts from a JSONL file; blank lines are skipped, anything malformed is an InputError."""
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed JSON) for each non-blank line; bad UTF-8 or JSON is an InputError at file:line.
+
+    A UTF-8 BOM on the first line is accepted (editors on Windows write one)."""
     path = Path(path)
     # Binary mode: split on b"\n" only, so U+2028 or a stray \r inside a string can't cut a record.
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise InputError(path, lineno, f"invalid UTF-8 at byte {e.start}") from None
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(path, lineno, f"invalid or truncated JSON: {e.msg} (column {e.colno})") from None
-            try:
-                yield Transcript.model_validate(obj)
-            except ValidationError as e:
-                raise InputError(path, lineno, f"invalid transcript: {describe_validation_error(e)}") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[Transcript]:
+    """Yield transcripts from a JSONL file; blank lines are skipped, anything malformed is an InputError."""
+    for lineno, obj in iter_json_lines(path):
+        try:
+            yield Transcript.model_validate(obj)
+        except ValidationError as e:
+            raise InputError(path, lineno, f"invalid transcript: {describe_validation_error(e)}") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

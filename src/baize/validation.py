@@ -39,7 +39,7 @@ from typing import Any, Literal
 from baize.config import ValidateParams
 from baize.errors import BaizeError, InputError, ParamsError
 from baize.formats import from_messages, import_baize_json
-from baize.transcript import Transcript, atomic_write_text, read_jsonl, write_jsonl
+from baize.transcript import Transcript, atomic_write_text, iter_json_lines, read_jsonl, write_jsonl
 
 # --------------------------------------------------------------------------- the checks
 
@@ -141,35 +141,24 @@ def sniff_format(path: Path) -> str:
 def read_messages_jsonl(path: str | os.PathLike) -> list[Transcript]:
     """A Hugging Face `messages` JSONL file: `{"messages": [...]}` per line, optionally with `seed`/`seed_id`
     (what `baize.formats.to_hf_dataset(...).to_json()` writes). Without a seed, the first user message is the
-    seed, and meta["seed_from_first_message"] says so (the seed-echo check then skips that turn)."""
+    seed, and meta["seed_from_first_message"] says so (the opening human turn is never counted as a seed echo anyway)."""
     path = Path(path)
     out = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(path, lineno, f"invalid UTF-8 at byte {e.start}") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, lineno, f"invalid or truncated JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict) or "messages" not in obj:
-                raise InputError(path, lineno, "expected an object with a 'messages' list")
-            seed, seed_id = obj.get("seed"), obj.get("seed_id")
-            for key, value in (("seed", seed), ("seed_id", seed_id)):
-                if value is not None and not isinstance(value, str):
-                    raise InputError(path, lineno, f"'{key}' must be a string or null")
-            meta: dict[str, Any] = {"line": lineno}
-            if seed is None:
-                meta["seed_from_first_message"] = True
-            try:
-                t = from_messages(obj["messages"], seed, source=f"messages:{path.name}", seed_id=seed_id, meta=meta)
-            except ValueError as e:
-                raise InputError(path, lineno, str(e)) from None
-            out.append(t)
+    for lineno, obj in iter_json_lines(path):
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise InputError(path, lineno, "expected an object with a 'messages' list")
+        seed, seed_id = obj.get("seed"), obj.get("seed_id")
+        for key, value in (("seed", seed), ("seed_id", seed_id)):
+            if value is not None and not isinstance(value, str):
+                raise InputError(path, lineno, f"'{key}' must be a string or null")
+        meta: dict[str, Any] = {"line": lineno}
+        if seed is None:
+            meta["seed_from_first_message"] = True
+        try:
+            t = from_messages(obj["messages"], seed, source=f"messages:{path.name}", seed_id=seed_id, meta=meta)
+        except ValueError as e:
+            raise InputError(path, lineno, str(e)) from None
+        out.append(t)
     return out
 
 
