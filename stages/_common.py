@@ -6,14 +6,11 @@ in src/baize/ does not.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import re
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,8 @@ import yaml
 
 from baize import tracking
 from baize.config import TrackingParams, load_sections
-from baize.errors import BaizeError
+from baize.errors import one_line_errors
+from baize.transcript import atomic_write_text
 
 PARAMS_FILE = "params.yaml"
 
@@ -163,22 +161,8 @@ def mlflow_run(
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def entrypoint(fn: Callable) -> Callable:
-    """Turn a BaizeError into its one-line message on stderr and its exit status (2 for params)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BaizeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
-
-    return wrapper
+# Every stage command is wrapped in this: one line and the error's exit status (2 for params).
+entrypoint = one_line_errors

@@ -7,29 +7,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from baize.errors import BaizeError
-
-
-def _one_line_errors(fn: Callable) -> Callable:
-    """A BaizeError becomes `error: <one line>` on stderr and its exit status, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BaizeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
+from baize.errors import BaizeError, one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +41,7 @@ QUIT = {"/quit", "/exit", ":q"}
               help="Prompt budget; the oldest turns are dropped beyond it.")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible replies).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@_one_line_errors
+@one_line_errors
 def chat(base: Path, adapter: str, no_adapter: bool, max_new_tokens: int, temperature: float, top_p: float,
          max_context_tokens: int, seed: int | None, dtype: str) -> None:
     """Talk to base + adapter. /reset forgets the conversation, /quit (or Ctrl-D) leaves."""
@@ -113,7 +97,7 @@ def chat(base: Path, adapter: str, no_adapter: bool, max_new_tokens: int, temper
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder to create.")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]))
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@_one_line_errors
+@one_line_errors
 def export(base: Path, adapter: str, out_dir: Path, dtype: str, force: bool) -> None:
     """Merge the adapter into the base; save a standalone HF folder (safetensors + Baize chat template).
 
@@ -137,7 +121,7 @@ def export(base: Path, adapter: str, out_dir: Path, dtype: str, force: bool) -> 
               help="auto: .json -> baize-json, .jsonl -> openai-jsonl.")
 @click.option("--out", "out_path", default="data/imported/transcripts.jsonl", show_default=True,
               type=click.Path(path_type=Path))
-@_one_line_errors
+@one_line_errors
 def import_(input_path: Path, fmt: str, out_path: Path) -> None:
     """Turn released Baize data (or OpenAI fine-tuning JSONL) into the pipeline's transcripts.jsonl."""
     from baize.formats import import_baize_json, import_openai_jsonl

@@ -3,6 +3,10 @@
 Stages turn these into that one line on stderr and a non-zero exit instead of a traceback.
 """
 
+import functools
+import sys
+from collections.abc import Callable
+
 
 class BaizeError(Exception):
     """A problem the user can fix (bad input file, missing model, unreachable server). Exit status 1."""
@@ -24,3 +28,17 @@ class InputError(BaizeError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.line = line
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Decorate a command: a BaizeError becomes `error: <one line>` on stderr and its exit status, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaizeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+
+    return wrapper
