@@ -3,20 +3,24 @@
 Same model (models/base or --model), same transcripts, int8 base for both, same micro-batch and gradient
 accumulation (same effective batch), a few optimizer steps each:
 
-- reference: every sample padded to 512, loss on the whole text (pad excluded, as DataCollatorForLanguageModeling
-  does), random order, stock Trainer loss over the full [batch, 512, vocab] logits, no gradient checkpointing;
-- ours: the train stage's path (baize.training): length-grouped batches padded to their longest sample, AI-only
-  labels (tokenize default), logits only at trained positions, gradient checkpointing (`ours-nogc`: without
-  it; `ours-mmap-threshold`: plus a fixed glibc mmap threshold, less memory but slower).
+- `reference`: every sample padded to 512, loss on the whole text (pad excluded, as DataCollatorForLanguageModeling
+  does), random order, stock Trainer loss over the full [batch, 512, vocab] logits, no gradient checkpointing,
+  fp32 compute (Baize's `fp16=True` needs a GPU); `reference-bf16`: the same with bf16 autocast, the CPU's
+  counterpart of that fp16 autocast and the same mixed precision as ours (the fair comparison where the CPU
+  has native bf16);
+- `ours`: the train stage's defaults (baize.training): length-grouped batches padded to their longest sample,
+  AI-only labels (tokenize default), logits only at trained positions, a token budget per forward pass
+  (`max_batch_tokens` 512, as the default params.yaml), mixed precision `auto`; `ours-fp32`, `ours-gc`
+  (gradient checkpointing) and `ours-no-budget` change one setting each, and `ours+key=value` any train param.
 
 Each variant runs in its own subprocess so its peak RSS (ru_maxrss) is its own. Throughput counts the real
 (non-padding) tokens of the samples that went through a training step, per second, over the steps after the
 first (warm-up) one. Also: int8 vs fp32 `get_memory_footprint()` of the base.
 
     python benchmarks/train_throughput.py                 # models/base, synthetic self-chat transcripts
-    python benchmarks/train_throughput.py --model DIR --steps 4 --variants reference,ours,ours-nogc
+    python benchmarks/train_throughput.py --model DIR --steps 4 --variants reference,ours,ours-gc
 
-CAUTION: the reference variant peaks near 9 GB RSS with SmolLM2-135M; variants run one after the other.
+CAUTION: the fp32 reference peaks near 10 GB RSS with SmolLM2-135M; variants run one after the other.
 """
 
 from __future__ import annotations
@@ -80,6 +84,31 @@ def build_rows(model_dir: Path, n: int, max_length: int = 512):
 # --------------------------------------------------------------------------- worker (one variant per process)
 
 
+VARIANTS = {
+    # name: (reference recipe?, TrainParams overrides)
+    "reference": (True, {"mixed_precision": "no"}),  # Baize's finetune.py as it runs on a CPU (fp16=True needs CUDA)
+    "reference-bf16": (True, {"mixed_precision": "bf16"}),  # its fp16 autocast, as bf16 (the CPU's half type)
+    "ours": (False, {"max_batch_tokens": 512}),  # the train stage as the default params.yaml runs it on a CPU
+    "ours-fp32": (False, {"max_batch_tokens": 512, "mixed_precision": "no"}),
+    "ours-gc": (False, {"max_batch_tokens": 512, "gradient_checkpointing": True}),
+    "ours-no-budget": (False, {"max_batch_tokens": 0}),
+}
+
+
+def variant_config(name: str) -> tuple[bool, dict]:
+    """A named variant, optionally with train params changed: `ours+max_batch_tokens=1024+lora_dropout=0`."""
+    import yaml
+
+    base, *changes = name.split("+")
+    if base not in VARIANTS:
+        sys.exit(f"unknown variant {base!r} (known: {', '.join(VARIANTS)})")
+    reference, overrides = VARIANTS[base]
+    for change in changes:
+        key, _, value = change.partition("=")
+        overrides = {**overrides, key: yaml.safe_load(value)}
+    return reference, overrides
+
+
 def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, accum: int) -> dict:
     import torch
     from datasets import load_from_disk
@@ -90,17 +119,19 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
 
     torch.manual_seed(0)
     ds = load_from_disk(str(data))
-    reference = variant == "reference"
-    if variant == "ours-mmap-threshold":
-        training.release_freed_memory()
-    gc = variant in ("ours", "ours-mmap-threshold")
+    reference, overrides = variant_config(variant)
     if reference:  # whole-text loss
         ds = ds.remove_columns("labels").rename_column("labels_all", "labels")
+        overrides = {"gradient_checkpointing": False, "max_batch_tokens": 0, **overrides}
     params = TrainParams(micro_batch_size=micro, gradient_accumulation_steps=accum, max_steps=steps,
-                         warmup_steps=0, save_steps=10**6, eval_steps=10**6, gradient_checkpointing=gc)
+                         warmup_steps=0, save_steps=10**6, eval_steps=10**6, **overrides)
+    mixed = training.resolve_mixed_precision(params.mixed_precision)
     tokenizer = training.load_tokenizer(Path("/nonexistent"), model_dir)
-    model = training.add_lora(training.load_base_model(model_dir, "int8", gc), params)
+    # The reference keeps every non-int8 weight in fp32, as peft's k-bit preparation leaves it.
+    model = training.add_lora(training.load_base_model(
+        model_dir, "int8", params.gradient_checkpointing, "no" if reference else mixed), params)
     base_cls = Trainer if reference else training.BaizeTrainer
+    extra = {} if reference else {"max_batch_tokens": params.max_batch_tokens}
 
     class Counting(base_cls):
         real_tokens = 0
@@ -124,7 +155,7 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
     trainer = Counting(
         model=model, args=args, train_dataset=ds,
         data_collator=training.PadCollator(tokenizer.pad_token_id, pad_to=512 if reference else None),
-        callbacks=[Clock()],
+        callbacks=[Clock()], **extra,
     )
     trained = {"n": 0}
 
@@ -152,6 +183,8 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
         "trained_tokens_per_s": (tr1 - tr0) / (t1 - t0),
         "first_step_s": marks[0][0] - start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "mixed_precision": mixed,
+        "weights_footprint_mb": model.get_memory_footprint() / 2**20,
     }
 
 
@@ -159,19 +192,23 @@ def footprint(model_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from baize import training
+
     fp32 = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
-    f32 = fp32.get_memory_footprint()
+    out = {"fp32_mb": fp32.get_memory_footprint() / 2**20}
     del fp32
-    out = {"fp32_mb": f32 / 2**20}
-    # int8 linear layers; the rest (embeddings, norms) in fp16 as alpaca-lora loads it, or in fp32 as
-    # prepare_model_for_kbit_training keeps it for training on the CPU.
-    for name, rest in (("int8_mb", torch.float16), ("int8_fp32_rest_mb", torch.float32)):
-        int8 = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=rest,
-            use_safetensors=True,
-        )
-        out[name] = int8.get_memory_footprint() / 2**20
-        del int8
+    # int8 linear layers, the rest in fp16 as alpaca-lora loads it
+    int8 = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float16,
+        use_safetensors=True,
+    )
+    out["int8_fp16_rest_mb"] = int8.get_memory_footprint() / 2**20
+    del int8
+    # as the train stage holds it for training (after peft's k-bit preparation), without / with mixed precision
+    for name, mixed in (("int8_as_trained_fp32_mb", "no"), ("int8_as_trained_mb", "auto")):
+        resolved = training.resolve_mixed_precision(mixed)
+        out[name] = training.load_base_model(model_dir, "int8", False, resolved).get_memory_footprint() / 2**20
+        out[name.replace("_mb", "_mixed")] = resolved
     return out
 
 
@@ -185,7 +222,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per variant; the first is warm-up")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=2)
-    ap.add_argument("--variants", default="reference,ours")
+    ap.add_argument("--variants", default="reference,reference-bf16,ours",
+                    help=f"comma-separated, of: {', '.join(VARIANTS)}; +key=value changes a train param")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -224,20 +262,24 @@ def main() -> None:
         results[name] = json.loads(out.read_text())
         print(f"  {name}: done in {time.perf_counter() - t:.0f} s: {results[name]}", flush=True)
 
-    ref = results.get("reference")
+    refs = [name for name in ("reference", "reference-bf16") if name in results]
     print()
-    print("| variant | non-padding tokens/s | trained tokens/s | peak RSS (MB) | vs reference: tokens/s, RSS |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    print("| variant | mixed precision | non-padding tokens/s | trained tokens/s | peak RSS (MB) | "
+          + " | ".join(f"vs {name}: tokens/s, RSS" for name in refs) + " |")
+    print("| --- | --- | ---: | ---: | ---: |" + " --- |" * len(refs))
     for name in a.variants.split(","):
         r = results[name]
-        rel = (f"{r['non_padding_tokens_per_s'] / ref['non_padding_tokens_per_s']:.2f}x, "
-               f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x") if ref else ""
-        print(f"| {name} | {r['non_padding_tokens_per_s']:.0f} | {r['trained_tokens_per_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {rel} |")
+        rel = [f"{r['non_padding_tokens_per_s'] / results[ref]['non_padding_tokens_per_s']:.2f}x, "
+               f"{r['peak_rss_mb'] / results[ref]['peak_rss_mb']:.2f}x" for ref in refs]
+        print(f"| {name} | {r['mixed_precision']} | {r['non_padding_tokens_per_s']:.0f} | "
+              f"{r['trained_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | " + " | ".join(rel) + " |")
     fp = results["footprint"]
-    print(f"\nweights footprint (get_memory_footprint): fp32 {fp['fp32_mb']:.0f} MB; int8 + fp16 rest "
-          f"{fp['int8_mb']:.0f} MB = {fp['int8_mb'] / fp['fp32_mb']:.2f}x; int8 + fp32 rest (as trained on CPU) "
-          f"{fp['int8_fp32_rest_mb']:.0f} MB = {fp['int8_fp32_rest_mb'] / fp['fp32_mb']:.2f}x")
+    f32 = fp["fp32_mb"]
+    print(f"\nweights footprint (get_memory_footprint) against fp32 ({f32:.0f} MB): "
+          f"int8 + fp16 rest (alpaca-lora's load) {fp['int8_fp16_rest_mb']:.0f} MB = "
+          f"{fp['int8_fp16_rest_mb'] / f32:.2f}x; as trained, mixed precision {fp['int8_as_trained_mixed']}: "
+          f"{fp['int8_as_trained_mb']:.0f} MB = {fp['int8_as_trained_mb'] / f32:.2f}x; as trained in fp32: "
+          f"{fp['int8_as_trained_fp32_mb']:.0f} MB = {fp['int8_as_trained_fp32_mb'] / f32:.2f}x")
 
 
 if __name__ == "__main__":

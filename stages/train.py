@@ -33,7 +33,10 @@ def launch_command(params: TrainParams, argv: list[str]) -> list[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(params.num_processes)]
-    cmd += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
+    from baize.training import resolve_mixed_precision  # the workers' TrainingArguments use the same value
+
+    mixed = resolve_mixed_precision(params.mixed_precision)
+    cmd += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", mixed]
     cmd += ["--dynamo_backend", "no"]
     if params.accelerate_config:
         cmd += ["--config_file", params.accelerate_config]
@@ -134,7 +137,11 @@ def main(data_dir: Path, model_dir: Path, out_dir: Path, checkpoints_dir: Path, 
         _common.write_json(reports_dir / "metrics.json", result.metrics)
         training.write_steps_csv(reports_dir / "steps.csv", result.steps)
 
-        mlflow.set_tags({"baize.base.sha256": result.base_sha256, "baize.train.fingerprint": result.data_digests["fingerprint"]})
+        mlflow.set_tags({
+            "baize.base.sha256": result.base_sha256,
+            "baize.train.fingerprint": result.data_digests["fingerprint"],
+            "baize.train.mixed_precision": result.metrics["mixed_precision"],
+        })
         from baize.tracking import log_metrics
 
         log_metrics(result.metrics)

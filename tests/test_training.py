@@ -184,6 +184,77 @@ def test_loss_over_trained_positions_equals_the_full_logits_loss(tiny_project):
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+def test_split_by_tokens_keeps_every_row_once_within_the_budget():
+    lengths = [50, 12, 30, 49, 7]
+    rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+    batch = training.pad_batch(rows, pad_token_id=0)
+    assert training.split_by_tokens(batch, 0) == [batch]  # no budget
+    assert training.split_by_tokens(batch, 5 * 50) == [batch]  # fits
+    chunks = training.split_by_tokens(batch, 100)
+    assert len(chunks) > 1
+    seen = []
+    for chunk in chunks:
+        rows_, width = chunk["input_ids"].shape
+        assert rows_ * width <= 100
+        assert int(chunk["attention_mask"].sum(dim=1).max()) == width  # re-padded to its own longest row
+        for ids, mask, labels in zip(chunk["input_ids"], chunk["attention_mask"], chunk["labels"]):
+            n = int(mask.sum())
+            assert ids[:n].tolist() == list(range(1, n + 1)) and labels[:n].tolist() == ids[:n].tolist()
+            assert (labels[n:] == training.IGNORE).all()
+            seen.append(n)
+    assert sorted(seen) == sorted(lengths)
+    # A row longer than the budget is a chunk of its own; nothing is cut.
+    assert sorted(int(c["attention_mask"].sum()) for c in training.split_by_tokens(batch, 10)) == sorted(lengths)
+
+
+@pytest.mark.slow
+def test_token_budget_chunks_give_the_same_step_as_the_whole_micro_batch(tiny_project, tmp_path):
+    """A micro-batch over `max_batch_tokens` runs in chunks; summed, their gradients and loss are the same."""
+    rows = _tokenized(training.load_tokenizer(tiny_project / "data/tokenized", tiny_project), _transcripts(6))
+    batch = training.pad_batch(rows, pad_token_id=0)
+    num_items = torch.tensor(int(training.trained_positions(batch["labels"]).sum()) * 2)  # as if accumulating 2
+    results = []
+    for budget in (0, batch["input_ids"].shape[1] * 2):
+        torch.manual_seed(0)
+        params = TrainParams(lora_dropout=0.0, mixed_precision="no", max_batch_tokens=budget)
+        model = training.add_lora(training.load_base_model(tiny_project / "models/base", "fp32"), params)
+        trainer = training.BaizeTrainer(
+            model=model, args=training.training_arguments(params, tmp_path / f"b{budget}", has_eval=False),
+            max_batch_tokens=budget,
+        )
+        assert len(training.split_by_tokens(batch, budget)) == (1 if budget == 0 else 3)
+        loss = trainer.training_step(trainer.model, dict(batch), num_items)
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    for a, b in zip(whole_grads, chunked_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_mixed_precision_auto_resolves_to_what_the_machine_computes():
+    assert training.resolve_mixed_precision("no") == "no"
+    assert training.resolve_mixed_precision("bf16") == "bf16"
+    assert training.resolve_mixed_precision("auto") in ("bf16", "fp16", "no")
+    if not torch.cuda.is_available():
+        assert training.resolve_mixed_precision("auto") != "fp16"
+
+
+@pytest.mark.slow
+def test_int8_base_under_bf16_stores_embeddings_in_bf16_and_keeps_the_residual_stream_fp32(tiny_project):
+    model_dir = tiny_project / "models/base"
+    full = training.load_base_model(model_dir, "int8", mixed_precision="no")
+    half = training.load_base_model(model_dir, "int8", mixed_precision="bf16")
+    embeddings = half.get_input_embeddings()
+    assert embeddings.weight.dtype == torch.bfloat16
+    assert half.get_output_embeddings().weight is embeddings.weight  # tied: lm_head is stored once, in bf16
+    assert all(p.dtype == torch.float32 for n, p in half.named_parameters() if "norm" in n)
+    assert embeddings(torch.tensor([[1, 2, 3]])).dtype == torch.float32
+    assert half.get_memory_footprint() < full.get_memory_footprint()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = half(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+    assert torch.isfinite(out.loss)
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -327,12 +398,16 @@ def test_bad_params_exit_2_before_any_work(tmp_path, train, needle):
 def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
     """`num_processes: 2` re-runs the stage under `accelerate launch` (gloo DDP); rank 0 alone writes outputs."""
     project = _fresh(tiny_project, tmp_path)
-    _write_params(project, num_processes=2, max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1)
+    # A token budget below every micro-batch: each rank runs chunks, and only its last chunk all-reduces.
+    _write_params(project, num_processes=2, max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1,
+                  max_batch_tokens=40)
     proc = _run_stage(project, timeout=220)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "accelerate.commands.launch --num_processes 2" in proc.stderr
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 4 and metrics["steps"] == 2
+    assert metrics["mixed_precision"] == training.resolve_mixed_precision("auto")
+    assert f"--mixed_precision {metrics['mixed_precision']}" in proc.stderr
     assert (project / "models/adapter/adapter_model.safetensors").is_file()
     _, runs = _stage_runs(project)
     assert len(runs) == 1

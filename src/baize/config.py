@@ -268,9 +268,20 @@ class TrainParams(Section):
     save_steps: int = Field(50, ge=1)
     """Checkpoint into models/checkpoints/<fingerprint>/ every N optimizer steps (a re-run resumes from it)."""
     logging_steps: int = Field(1, ge=1)
-    gradient_checkpointing: bool = True
-    """Recompute each layer's activations in the backward pass instead of keeping all of them: several times
-    less peak memory for ~30% more compute (see benchmarks/train_throughput.py)."""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """Compute dtype of the forward/backward matmuls (autocast; adapters, norms, loss and optimizer stay fp32).
+    `auto`: bf16 where the hardware computes it natively (CUDA with bf16; CPUs with AMX or AVX512-BF16), fp16 on
+    older GPUs (the paper's `fp16=True`), else `no` (fp32). The value used is recorded in the metrics. With an int8
+    base under bf16/fp16 the input embeddings (tied to lm_head) are stored in that dtype too: half their memory."""
+    max_batch_tokens: int = Field(0, ge=0)
+    """Padded tokens per forward pass: a micro-batch with more (rows x its longest sample) runs as several
+    smaller chunks whose gradients add up to exactly the same step, so peak memory is set by this budget, not by
+    the longest transcripts. 0: no limit (GPUs). On a CPU 512 keeps the speed and bounds the memory (measured:
+    benchmarks/train_throughput.py). Not applied under DeepSpeed."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: about half the
+    activation memory for ~45% more time per step here (see benchmarks/train_throughput.py). Lower
+    `max_batch_tokens` first: it bounds memory without recomputing."""
     seed: int = 42
 
 
