@@ -1,7 +1,7 @@
 """Local self-chat backend throughput on the self-chat workload itself: useful tokens/s, three ways, one run.
 
     .venv/bin/python benchmarks/selfchat_local.py [--model models/base] [--requests 32] [--concurrency 16]
-        [--max-tokens 128] [--baseline-sample 8] [--threads N] [--rounds 2] [--serve-cb]
+        [--max-tokens 128] [--baseline-sample 8] [--threads N] [--rounds 2] [--dtype auto] [--serve-cb]
 
 Workload: real turn-by-turn self-chat requests (baize.selfchat.prompts) over the project's shipped seeds, half
 "write the next human turn" (the template + transcript so far, stop `[AI]`), half "answer as the assistant",
@@ -11,7 +11,7 @@ answer lengths vary the way they do in a real run. Greedy decoding, so every var
 Variants, run in the same process/machine, interleaved (round 2 runs them in reverse order):
 - `local batched`: LocalBackend(batch_size=concurrency), `concurrency` requests in flight, as the engine runs it.
 - `one at a time`: plain `model.generate` per prompt (stop strings, EOS), on an evenly spread sample of the
-  requests (a rate, so a sample suffices).
+  requests (a rate, so a sample suffices), with the same model object (same dtype).
 - `transformers serve`: the same folder behind `transformers serve` (CPU, same dtype and threads), driven by the
   project's `openai` backend with the same concurrency; `--serve-cb` adds a row with its `--continuous-batching`.
 
@@ -122,7 +122,7 @@ def run_one_at_a_time(model, tokenizer, requests):
 class Server:
     """`transformers serve` on 127.0.0.1, started and stopped by us (terminated by its own pid)."""
 
-    def __init__(self, model_dir: Path, threads: int | None, cb: bool):
+    def __init__(self, model_dir: Path, threads: int | None, cb: bool, dtype: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -130,7 +130,7 @@ class Server:
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", "cpu", "--dtype", "float32"]
+               "--port", str(self.port), "--device", "cpu", "--dtype", dtype]
         if cb:
             cmd.append("--continuous-batching")
         self.log = tempfile.TemporaryFile()
@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--baseline-sample", type=int, default=8, help="requests the one-at-a-time baseline runs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every variant (default: torch's)")
     ap.add_argument("--rounds", type=int, default=1, help="2: run the variants again in reverse order")
+    ap.add_argument("--dtype", default="auto", help="every variant's dtype (auto: the local backend's choice)")
     ap.add_argument("--no-serve", action="store_true")
     ap.add_argument("--serve-cb", action="store_true", help="also serve with --continuous-batching")
     args = ap.parse_args()
@@ -202,7 +203,7 @@ def main() -> None:
     # Pairs (one human-turn request, one answer) spread evenly over the workload.
     step = max(2, len(requests) // max(1, args.baseline_sample // 2) // 2 * 2)
     sample = [r for k in range(0, len(requests), step) for r in requests[k : k + 2]][: args.baseline_sample]
-    local = LocalBackend(model_dir, batch_size=args.concurrency)
+    local = LocalBackend(model_dir, batch_size=args.concurrency, dtype=args.dtype)
     tok = local.tokenizer
     local.complete_sync(ChatRequest(messages=[{"role": "user", "content": "Hi"}], model="base", temperature=0,
                                     top_p=1, max_tokens=4))  # warm-up, not timed
@@ -210,9 +211,9 @@ def main() -> None:
     servers = {}
     try:
         if not args.no_serve:
-            servers["transformers serve"] = Server(model_dir, args.threads, cb=False)
+            servers["transformers serve"] = Server(model_dir, args.threads, cb=False, dtype=local.dtype)
             if args.serve_cb:
-                servers["transformers serve --continuous-batching"] = Server(model_dir, args.threads, cb=True)
+                servers["transformers serve --continuous-batching"] = Server(model_dir, args.threads, cb=True, dtype=local.dtype)
             for server in servers.values():  # warm-up: the model loads on the first request
                 run_served(server.base_url, model_dir, requests[1:2], 1)
 
@@ -249,7 +250,7 @@ def main() -> None:
     base_rate = totals["one at a time (model.generate)"][0] / totals["one at a time (model.generate)"][1]
     local_by_request = dict(zip(map(id, requests), texts["local batched"]))
     print(f"\nself-chat workload: {args.requests} requests (half human turns with stop [AI], half answers), "
-          f"max_tokens {args.max_tokens}, concurrency {args.concurrency}, greedy, torch threads "
+          f"max_tokens {args.max_tokens}, concurrency {args.concurrency}, greedy, {local.dtype}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} round(s)\n")
     print(f"| variant | requests | useful tokens | seconds | useful tokens/s | vs one at a time | same text as local |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -89,7 +89,7 @@ def make_backend(params, model_dir: Path):
 
     if not (model_dir / "config.json").is_file():
         raise InputError(model_dir, None, "no model here (run the base_model stage first)")
-    return LocalBackend(model_dir, batch_size=params.batch_size)
+    return LocalBackend(model_dir, batch_size=params.batch_size, dtype=params.local_dtype)
 
 
 def engine_config(params, model_dir: Path) -> EngineConfig:

@@ -13,6 +13,7 @@ import torch
 
 from baize.errors import BaizeError, ParamsError
 from baize.selfchat.backend import ChatRequest
+from baize.selfchat import local_backend
 from baize.selfchat.local_backend import ContextLengthError, LocalBackend
 from baize.selfchat.prompts import HUMAN_STOP, ai_turn_messages, human_turn_messages
 from baize.transcript import Turn
@@ -45,7 +46,9 @@ def test_bad_dtype_is_a_params_error(tmp_path):
 @pytest.fixture(scope="module")
 def backend(base_model_dir):
     # batch_size 2 with 6 concurrent requests: rows finish and waiting requests take their slots mid-batch.
-    with LocalBackend(base_model_dir, batch_size=2, admit_min=1) as b:
+    # float32: batched and one-at-a-time greedy text are then equal token for token (bf16 rounding differs
+    # with the batch composition).
+    with LocalBackend(base_model_dir, batch_size=2, admit_min=1, dtype="float32") as b:
         yield b
 
 
@@ -88,6 +91,59 @@ def test_concurrent_batch_equals_one_at_a_time_greedy(backend):
     # The workload really was uneven: some rows stopped early, some ran to max_tokens.
     assert {c.finish_reason for c in got} == {"stop", "length"}
     assert len({c.completion_tokens for c in got}) >= 3
+
+
+def test_growable_cache_layer_matches_plain_tensors():
+    """In-place appends, growth past the reserved room, dropped rows and dropped left columns."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    layer = local_backend._GrowableLayer(keys.clone(), values.clone())
+    for _ in range(local_backend._GrowableLayer.ROOM + 7):  # past the first reservation
+        k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        got_k, got_v = layer.update(k, v)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    layer.drop_left(3)
+    assert torch.equal(layer.keys, keys[[0, 2], :, 3:]) and torch.equal(layer.values, values[[0, 2], :, 3:])
+    assert layer.get_seq_length() == keys.shape[2] - 3
+    k = torch.randn(2, 2, 1, 4)
+    assert torch.equal(layer.update(k, k)[0], torch.cat([keys[[0, 2], :, 3:], k], dim=2))
+
+
+@pytest.mark.slow
+def test_batched_greedy_is_exact_when_the_cache_grows_every_few_tokens(base_model_dir, monkeypatch):
+    # A tiny reservation: the running batch's cache is re-reserved many times while rows join and leave.
+    monkeypatch.setattr(local_backend._GrowableLayer, "ROOM", 2)
+    requests = [
+        greedy(ai_turn_messages([Turn(role="human", text=SEEDS[1])]), max_tokens=10),
+        greedy(human_turn_messages(SEEDS[0], PRIOR), max_tokens=7, stop=HUMAN_STOP),
+        greedy(ai_turn_messages([Turn(role="human", text=SEEDS[2])]), max_tokens=3),
+    ]
+    with LocalBackend(base_model_dir, batch_size=2, admit_min=1, dtype="float32") as small:
+        async def run_all():
+            return await asyncio.gather(*(small.complete(r) for r in requests))
+
+        got = asyncio.run(run_all())
+        assert [(c.text, c.finish_reason, c.completion_tokens) for c in got] == [reference(small, r) for r in requests]
+
+
+@pytest.mark.slow
+def test_auto_dtype_is_bf16_where_the_cpu_has_it_and_still_talks(base_model_dir):
+    from baize.hardware import cpu_has_native_bf16
+
+    with LocalBackend(base_model_dir, batch_size=4) as auto:
+        expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        assert auto.dtype == ("bfloat16" if expected == torch.bfloat16 else "float32")
+        assert next(auto.model.parameters()).dtype == expected
+        request = greedy(ai_turn_messages([Turn(role="human", text=SEEDS[1])]), max_tokens=12)
+
+        async def run_all():
+            return await asyncio.gather(*(auto.complete(request) for _ in range(3)))
+
+        done = asyncio.run(run_all())
+        assert all(len(c.text.split()) >= 3 for c in done)  # real words, not an empty or broken reply
+        assert len({c.text for c in done}) == 1  # the same request in one batch: the same greedy text
 
 
 @pytest.mark.slow

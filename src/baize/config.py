@@ -157,6 +157,9 @@ class SelfChatParams(Section):
     """Retries of one request on 429/5xx/timeouts/dropped connections before the seed is a recorded failure."""
     batch_size: int = Field(16, ge=1)
     """Local backend: sequences generated together."""
+    local_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Local backend: compute dtype. `auto`: bfloat16 on CPUs with native bf16 matmuls (AMX / AVX512-BF16),
+    else float32. Greedy text can differ between dtypes (rounding), not between runs on the same machine."""
     batch_poll_s: float = Field(30, gt=0)
     """openai-batch: seconds between status polls."""
     max_cost_usd: float | None = Field(None, gt=0)

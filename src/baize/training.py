@@ -48,6 +48,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from baize.config import TrainParams
 from baize.errors import BaizeError, InputError
+from baize.hardware import cpu_has_native_bf16
 
 ADAPTER_META = "baize_adapter.json"
 REQUIRED_COLUMNS = ("input_ids", "labels")
@@ -148,11 +149,7 @@ def resolve_mixed_precision(setting: str) -> str:
         return setting
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    cpu = getattr(torch, "cpu", None)
-    native_bf16 = any(
-        getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    )
-    return "bf16" if native_bf16 else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
 
 
 def _upcast_output(module, args, output):

@@ -40,6 +40,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from baize.errors import BaizeError, ParamsError
+from baize.hardware import cpu_has_native_bf16
 from baize.selfchat.backend import BackendError, ChatRequest, Completion
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +85,8 @@ class LocalBackend:
     """`complete(ChatRequest) -> Completion` with a local Hugging Face causal LM (see the module docstring).
 
     `model_dir`: a plain HF folder (safetensors, tokenizer with a chat template, config).
-    `batch_size`: sequences decoded together. `dtype`: float32 (default), bfloat16,
+    `batch_size`: sequences decoded together. `dtype`: `auto` (default: bfloat16 on CPUs with native bf16
+    matmuls, where it decoded a 16-row batch 1.7x faster than float32 here; else float32), float32, bfloat16,
     float16. `max_context`: prompt + completion tokens per sequence (default: the model's
     max_position_embeddings). `seed`: mixed into each request's sampling generator, so a request's sampled text is
     reproducible for a given seed (exact across runs with the same batch composition; batching can change float
@@ -102,7 +104,7 @@ class LocalBackend:
         model_dir: str | Path,
         *,
         batch_size: int = 16,
-        dtype: str = "float32",
+        dtype: str = "auto",
         max_context: int | None = None,
         seed: int = 0,
         admit_min: int | None = None,
@@ -111,8 +113,11 @@ class LocalBackend:
     ) -> None:
         if batch_size < 1:
             raise ParamsError(f"local backend batch_size: {batch_size} must be >= 1")
-        if dtype not in DTYPES:
-            raise ParamsError(f"local backend dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        if dtype not in (*DTYPES, "auto"):
+            raise ParamsError(f"local backend dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if dtype == "auto":
+            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+        self.dtype = dtype
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise BaizeError(
@@ -376,8 +381,10 @@ class LocalBackend:
             if start > 0:
                 state["mask"] = state["mask"][:, start:]
                 for layer in state["cache"].layers:
-                    layer.keys = layer.keys[:, :, start:, :]
-                    layer.values = layer.values[:, :, start:, :]
+                    if isinstance(layer, _GrowableLayer):
+                        layer.drop_left(start)
+                    else:
+                        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     def _finish_if_done(self, job: _Job) -> Completion | None:
         """The Completion when `job` just ended (EOS, a stop string, max_tokens), else None."""
@@ -478,13 +485,66 @@ def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+class _GrowableLayer(DynamicLayer):
+    """A cache layer over a buffer with room to grow: a decode step writes its token in place.
+
+    `DynamicLayer.update` concatenates the whole cache with the new token, i.e. copies every layer's keys and
+    values once per step: at batch 16 that was a third of a decode step's time on this CPU (profiled). Here the
+    copy happens only when the room runs out (then `ROOM` more tokens are reserved), and dropping dead left
+    columns moves a start offset instead of copying. `keys`/`values` are views of the live part.
+    """
+
+    ROOM = 64
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.is_initialized = True
+        self.device = keys.device
+        self._reserve(keys, values)
+
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        b, h, n, d = keys.shape
+        self._k = keys.new_empty((b, h, n + self.ROOM, d))
+        self._v = values.new_empty((b, h, n + self.ROOM, values.shape[-1]))
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self._start, self._end = 0, n
+        self._view()
+
+    def _view(self) -> None:
+        self.keys = self._k[:, :, self._start : self._end]
+        self.values = self._v[:, :, self._start : self._end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        if self._end + new > self._k.shape[2]:
+            self._reserve(self.keys, self.values)
+        self._k[:, :, self._end : self._end + new] = key_states
+        self._v[:, :, self._end : self._end + new] = value_states
+        self._end += new
+        self._view()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._view()
+
+    def drop_left(self, columns: int) -> None:
+        self._start += columns
+        self._view()
+
+
 def _merge(caches: list, masks: list[torch.Tensor]) -> tuple:
     """Stack several caches' rows into the first one, right-aligning them (left padding) to the longest."""
     length = max(m.shape[1] for m in masks)
     target = caches[0]
     for i, layer in enumerate(target.layers):
-        layer.keys = torch.cat([_pad_left(c.layers[i].keys, length, 2) for c in caches])
-        layer.values = torch.cat([_pad_left(c.layers[i].values, length, 2) for c in caches])
+        keys = torch.cat([_pad_left(c.layers[i].keys, length, 2) for c in caches])
+        values = torch.cat([_pad_left(c.layers[i].values, length, 2) for c in caches])
+        if isinstance(layer, _GrowableLayer) or type(layer) is DynamicLayer:
+            target.layers[i] = _GrowableLayer(keys, values)
+        else:  # sliding-window and other layer kinds keep their own update rules
+            layer.keys, layer.values = keys, values
     return target, torch.cat([_pad_left(m, length, 1) for m in masks])
 
 
