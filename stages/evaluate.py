@@ -41,7 +41,7 @@ def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict]) -> tuple[li
     if jp.backend == "local":
         from baize.selfchat.local_backend import LocalBackend
 
-        backend = LocalBackend(base_dir, batch_size=params.batch_size, seed=params.seed)
+        backend = LocalBackend(base_dir, batch_size=params.batch_size, seed=params.seed, dtype=params.dtype)
     else:
         from baize.selfchat.openai_backend import OpenAIBackend
 

@@ -48,8 +48,15 @@ def read_seeds(path: Path) -> list[Seed]:
     return seeds
 
 
-def local_model_id(model_dir: Path) -> str:
-    """`local:<hash>` of the model's files, so a different base model never reuses journaled replies."""
+def local_model_id(model_dir: Path, dtype: str) -> str:
+    """`local:<hash of the model's files>:<dtype>`: a different base model, or the same one computing in another
+    dtype (greedy text differs with the rounding), never reuses journaled replies."""
+    from baize.selfchat.local_backend import resolve_dtype  # torch: only for the local backend
+
+    return f"{_files_id(model_dir)}:{resolve_dtype(dtype)}"
+
+
+def _files_id(model_dir: Path) -> str:
     source = model_dir / "source.json"
     if source.is_file():
         files = json.loads(source.read_text(encoding="utf-8")).get("files") or {}
@@ -93,7 +100,7 @@ def make_backend(params, model_dir: Path):
 
 
 def engine_config(params, model_dir: Path) -> EngineConfig:
-    model = params.model if params.backend != "local" else local_model_id(model_dir)
+    model = params.model if params.backend != "local" else local_model_id(model_dir, params.local_dtype)
     price = params.prices.get(params.model or "") if params.model else None
     return EngineConfig(
         model=model,

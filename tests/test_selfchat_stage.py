@@ -149,3 +149,17 @@ def test_bad_params_and_bad_seed_line_give_one_line(tmp_path):
     done = stage(setup_dir)
     assert done.returncode == 1 and "data/seeds/seeds.jsonl:3: invalid JSON" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_local_replies_are_keyed_by_model_files_and_dtype(tmp_path):
+    """Journal keys name the local model by its files and compute dtype: another dtype regenerates."""
+    from stages.selfchat import local_model_id
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights v1")
+    fp32, bf16 = local_model_id(tmp_path, "float32"), local_model_id(tmp_path, "bfloat16")
+    assert fp32.startswith("local:") and fp32.endswith(":float32") and bf16.endswith(":bfloat16")
+    assert fp32.rsplit(":", 1)[0] == bf16.rsplit(":", 1)[0]
+    assert local_model_id(tmp_path, "auto") in (fp32, bf16)
+    (tmp_path / "model.safetensors").write_bytes(b"weights v2")
+    assert local_model_id(tmp_path, "float32") != fp32

@@ -46,6 +46,15 @@ from baize.selfchat.backend import BackendError, ChatRequest, Completion
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(dtype: str) -> str:
+    """`auto`: bfloat16 on CPUs with native bf16 matmuls, else float32; other names are checked and kept."""
+    if dtype not in (*DTYPES, "auto"):
+        raise ParamsError(f"local backend dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return dtype
+
+
 @dataclass
 class LocalStats:
     """Where the worker's time went: prompt prefill vs batched decode steps (and how full the batch was)."""
@@ -113,11 +122,7 @@ class LocalBackend:
     ) -> None:
         if batch_size < 1:
             raise ParamsError(f"local backend batch_size: {batch_size} must be >= 1")
-        if dtype not in (*DTYPES, "auto"):
-            raise ParamsError(f"local backend dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-        if dtype == "auto":
-            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
-        self.dtype = dtype
+        self.dtype = dtype = resolve_dtype(dtype)
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise BaizeError(
