@@ -282,9 +282,9 @@ class TrainParams(Section):
     the longest transcripts. 0: no limit (GPUs). On a CPU 512 keeps the speed and bounds the memory (measured:
     benchmarks/train_throughput.py). Not applied under DeepSpeed."""
     gradient_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass instead of keeping them: about half the
-    activation memory for ~45% more time per step here (see benchmarks/train_throughput.py). Lower
-    `max_batch_tokens` first: it bounds memory without recomputing."""
+    """Recompute each layer's activations in the backward pass instead of keeping them: less activation memory
+    for ~35% more time per step on the CPU here (see benchmarks/train_throughput.py). Lower `max_batch_tokens`
+    first: it bounds memory without recomputing."""
     seed: int = 42
 
 
