@@ -96,7 +96,8 @@ class LocalBackend:
     `model_dir`: a plain HF folder (safetensors, tokenizer with a chat template, config).
     `batch_size`: sequences decoded together. `dtype`: `auto` (default: bfloat16 on CPUs with native bf16
     matmuls, where it decoded a 16-row batch 1.7x faster than float32 here; else float32), float32, bfloat16,
-    float16. `max_context`: prompt + completion tokens per sequence (default: the model's
+    float16. Greedy float32 output equals one-at-a-time `generate`; in bf16 the rounding, and so now and then a
+    token, depends on which requests share the batch. `max_context`: prompt + completion tokens per sequence (default: the model's
     max_position_embeddings). `seed`: mixed into each request's sampling generator, so a request's sampled text is
     reproducible for a given seed (exact across runs with the same batch composition; batching can change float
     rounding and so, rarely, a sampled token). `admit_min`: the fewest free slots worth a prefill while others are
