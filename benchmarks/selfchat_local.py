@@ -252,7 +252,7 @@ def main() -> None:
     print(f"\nself-chat workload: {args.requests} requests (half human turns with stop [AI], half answers), "
           f"max_tokens {args.max_tokens}, concurrency {args.concurrency}, greedy, {local.dtype}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} round(s)\n")
-    print(f"| variant | requests | useful tokens | seconds | useful tokens/s | vs one at a time | same text as local |")
+    print("| variant | requests | useful tokens | seconds | useful tokens/s | vs one at a time | same text as local |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (useful, seconds, n) in totals.items():
         rs = variants[name][0]

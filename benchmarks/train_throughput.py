@@ -114,7 +114,7 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
     from datasets import load_from_disk
     from transformers import Trainer, TrainerCallback
 
-    from baize import training
+    from baize import hardware, training
     from baize.config import TrainParams
 
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
         overrides = {"gradient_checkpointing": False, "max_batch_tokens": 0, **overrides}
     params = TrainParams(micro_batch_size=micro, gradient_accumulation_steps=accum, max_steps=steps,
                          warmup_steps=0, save_steps=10**6, eval_steps=10**6, **overrides)
-    mixed = training.resolve_mixed_precision(params.mixed_precision)
+    mixed = hardware.resolve_mixed_precision(params.mixed_precision)
     tokenizer = training.load_tokenizer(Path("/nonexistent"), model_dir)
     # The reference keeps every non-int8 weight in fp32, as peft's k-bit preparation leaves it.
     model = training.add_lora(training.load_base_model(
@@ -192,7 +192,7 @@ def footprint(model_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from baize import training
+    from baize import hardware, training
 
     fp32 = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     out = {"fp32_mb": fp32.get_memory_footprint() / 2**20}
@@ -206,7 +206,7 @@ def footprint(model_dir: Path) -> dict:
     del int8
     # as the train stage holds it for training (after peft's k-bit preparation), without / with mixed precision
     for name, mixed in (("int8_as_trained_fp32_mb", "no"), ("int8_as_trained_mb", "auto")):
-        resolved = training.resolve_mixed_precision(mixed)
+        resolved = hardware.resolve_mixed_precision(mixed)
         out[name] = training.load_base_model(model_dir, "int8", False, resolved).get_memory_footprint() / 2**20
         out[name.replace("_mb", "_mixed")] = resolved
     return out

@@ -33,7 +33,7 @@ def launch_command(params: TrainParams, argv: list[str]) -> list[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(params.num_processes)]
-    from baize.training import resolve_mixed_precision  # the workers' TrainingArguments use the same value
+    from baize.hardware import resolve_mixed_precision  # the workers' TrainingArguments resolve it the same way
 
     mixed = resolve_mixed_precision(params.mixed_precision)
     cmd += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", mixed]

@@ -33,6 +33,7 @@ from baize.seeds import (
     write_seeds,
 )
 from baize.seeds.dedupe import shingles
+from benchmarks.seed_dedupe import brute_force  # the all-pairs baseline is the oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,17 +139,6 @@ def test_exact_and_near_duplicates_keep_the_first():
     assert "What's the best way to learn Python?" in {s.text for s in strict.seeds}
 
 
-def _brute_force(texts, threshold):
-    sets = [shingles(t) for t in texts]
-    kept, dropped = [], set()
-    for i, s in enumerate(sets):
-        if any(len(s & sets[j]) / len(s | sets[j]) >= threshold - 1e-9 for j in kept):
-            dropped.add(i)
-        else:
-            kept.append(i)
-    return dropped
-
-
 @pytest.mark.parametrize("threshold", [0.6, 0.85, 1.0])
 def test_near_duplicates_agree_with_brute_force(threshold):
     rng = random.Random(7)
@@ -166,7 +156,7 @@ def test_near_duplicates_agree_with_brute_force(threshold):
         texts.append(" ".join(words) + rng.choice(["", "!", " ?"]))
     texts = list(dict.fromkeys(texts))
     found = near_duplicates(texts, threshold)
-    assert set(found) == _brute_force(texts, threshold)
+    assert set(found) == brute_force(texts, threshold)
     assert all(j < i and jaccard(texts[i], texts[j]) >= threshold - 1e-9 for i, j in found.items())
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from baize import training
+from baize import hardware, training
 from baize.config import TrainParams
 from baize.formats import render_training
 from baize.transcript import Turn
@@ -232,11 +232,11 @@ def test_token_budget_chunks_give_the_same_step_as_the_whole_micro_batch(tiny_pr
 
 
 def test_mixed_precision_auto_resolves_to_what_the_machine_computes():
-    assert training.resolve_mixed_precision("no") == "no"
-    assert training.resolve_mixed_precision("bf16") == "bf16"
-    assert training.resolve_mixed_precision("auto") in ("bf16", "fp16", "no")
+    assert hardware.resolve_mixed_precision("no") == "no"
+    assert hardware.resolve_mixed_precision("bf16") == "bf16"
+    assert hardware.resolve_mixed_precision("auto") in ("bf16", "fp16", "no")
     if not torch.cuda.is_available():
-        assert training.resolve_mixed_precision("auto") != "fp16"
+        assert hardware.resolve_mixed_precision("auto") != "fp16"
 
 
 @pytest.mark.slow
@@ -406,7 +406,7 @@ def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
     assert "accelerate.commands.launch --num_processes 2" in proc.stderr
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 4 and metrics["steps"] == 2
-    assert metrics["mixed_precision"] == training.resolve_mixed_precision("auto")
+    assert metrics["mixed_precision"] == hardware.resolve_mixed_precision("auto")
     assert f"--mixed_precision {metrics['mixed_precision']}" in proc.stderr
     assert (project / "models/adapter/adapter_model.safetensors").is_file()
     _, runs = _stage_runs(project)

@@ -11,3 +11,12 @@ def cpu_has_native_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(cpu, probe, lambda: False)()) for probe in probes)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """`bf16`, `fp16` or `no`: `auto` picks what this machine computes natively (see TrainParams.mixed_precision)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "no"

@@ -48,7 +48,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from baize.config import TrainParams
 from baize.errors import BaizeError, InputError
-from baize.hardware import cpu_has_native_bf16
+from baize.hardware import resolve_mixed_precision
 
 ADAPTER_META = "baize_adapter.json"
 REQUIRED_COLUMNS = ("input_ids", "labels")
@@ -141,15 +141,6 @@ def _local_device_map():
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return None
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """`bf16`, `fp16` or `no`: `auto` picks what this machine computes natively (see TrainParams.mixed_precision)."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "no"
 
 
 def _upcast_output(module, args, output):

@@ -23,7 +23,7 @@ from baize.selfchat.backend import (
     redact,
 )
 from baize.selfchat.journal import Journal
-from baize.selfchat.openai_backend import api_key
+from baize.selfchat.openai_backend import api_key, chat_body
 
 FINAL = {"completed", "failed", "expired", "cancelled"}
 MAX_REQUESTS_PER_BATCH = 50_000  # the Batch API's limit per input file
@@ -62,7 +62,7 @@ class OpenAIBatchBackend:
         for start in range(0, len(items), self.max_requests_per_batch):
             chunk = items[start : start + self.max_requests_per_batch]
             lines = [
-                json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions", "body": _body(r)})
+                json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions", "body": chat_body(r)})
                 for k, r in chunk
             ]
             upload = await self._api(
@@ -142,13 +142,6 @@ class OpenAIBatchBackend:
 
     async def aclose(self) -> None:
         await self.client.close()
-
-
-def _body(r: ChatRequest) -> dict:
-    body = {"model": r.model, "messages": r.messages, "temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens}
-    if r.stop:
-        body["stop"] = r.stop
-    return body
 
 
 def _completion(body: dict, where: str) -> Completion:

@@ -179,18 +179,9 @@ class Engine:
                     return turns, "human_done"
                 if human is False:
                     return turns, "truncated"
-            a = await self.call(
-                self._request(
-                    prompts.ai_turn_messages([*turns, Turn(role="human", text=human)]),
-                    max_tokens=cfg.max_tokens,
-                    stop=cfg.stop,
-                ),
-                run,
+            ai, a = await self._turn(
+                "ai", prompts.ai_turn_messages([*turns, Turn(role="human", text=human)]), cfg.max_tokens, cfg.stop, run
             )
-            run.raw.append({"role": "ai", "text": a.text, "finish_reason": a.finish_reason})
-            ai, tail = prompts.clean_turn(a.text)
-            if tail:
-                run.dropped.append({"reason": "overrun", "role": "ai", "text": tail})
             if not ai:
                 run.dropped += [{"reason": "empty", "role": "ai", "text": ""}]
                 return turns, "empty_ai"
@@ -205,20 +196,24 @@ class Engine:
             turns += [Turn(role="human", text=human), Turn(role="ai", text=ai)]
         return turns, "max_rounds"
 
+    async def _turn(self, role: str, messages: list[dict], max_tokens: int, stop, run: _SeedRun) -> tuple[str, Completion]:
+        """One turn's call: the raw reply is recorded, then cleaned; text past the turn is recorded as dropped."""
+        reply = await self.call(self._request(messages, max_tokens=max_tokens, stop=stop), run)
+        run.raw.append({"role": role, "text": reply.text, "finish_reason": reply.finish_reason})
+        text, tail = prompts.clean_turn(reply.text)
+        if tail:
+            run.dropped.append({"reason": "overrun", "role": role, "text": tail})
+        return text, reply
+
     async def _human_turn(self, seed: Seed, turns: list[Turn], stop: list[str], run: _SeedRun) -> str | None | bool:
         """The next human turn; None when the human has nothing more to ask, False when it was cut by max_tokens."""
-        h = await self.call(
-            self._request(
-                prompts.human_turn_messages(seed.text, turns),
-                max_tokens=self.cfg.human_max_tokens or self.cfg.max_tokens,
-                stop=stop[:4],  # the API takes at most 4 stop strings
-            ),
+        human, h = await self._turn(
+            "human",
+            prompts.human_turn_messages(seed.text, turns),
+            self.cfg.human_max_tokens or self.cfg.max_tokens,
+            stop[:4],  # the API takes at most 4 stop strings
             run,
         )
-        run.raw.append({"role": "human", "text": h.text, "finish_reason": h.finish_reason})
-        human, tail = prompts.clean_turn(h.text)
-        if tail:
-            run.dropped.append({"reason": "overrun", "role": "human", "text": tail})
         if not human:
             return None
         if h.finish_reason == "length":

@@ -39,6 +39,20 @@ def api_key(base_url: str | None) -> str:
     raise BaizeError("OPENAI_API_KEY is not set (needed for selfchat.backend openai without selfchat.base_url)")
 
 
+def chat_body(request: ChatRequest) -> dict:
+    """The Chat Completions request body (also the `body` of each Batch API line)."""
+    body = {
+        "model": request.model,
+        "messages": request.messages,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+    }
+    if request.stop:
+        body["stop"] = request.stop
+    return body
+
+
 def retry_after_s(response) -> float | None:
     """Seconds from `retry-after-ms` or `retry-after` (seconds); None when absent or unreadable."""
     if response is None:
@@ -96,7 +110,7 @@ class OpenAIBackend:
                 await self._tpm.acquire(estimate)
                 self.stats.requests += 1
                 try:
-                    response = await self.client.chat.completions.create(**self._body(request))
+                    response = await self.client.chat.completions.create(**chat_body(request))
                     completion = self._completion(response)
                     self._tpm.debit(completion.prompt_tokens + completion.completion_tokens - estimate)
                     return completion
@@ -127,18 +141,6 @@ class OpenAIBackend:
             backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
             delay = random.uniform(backoff / 2, backoff)  # jitter: spread the retries of a 429 storm
             await asyncio.sleep(max(delay, wait or 0.0))
-
-    def _body(self, request: ChatRequest) -> dict:
-        body = {
-            "model": request.model,
-            "messages": request.messages,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "max_tokens": request.max_tokens,
-        }
-        if request.stop:
-            body["stop"] = request.stop
-        return body
 
     def _completion(self, response) -> Completion:
         choices = getattr(response, "choices", None)
