@@ -30,7 +30,7 @@ from baize.selfchat import prompts  # noqa: E402
 from baize.selfchat.engine import Engine, EngineConfig, Seed  # noqa: E402
 from baize.selfchat.journal import Journal  # noqa: E402
 from baize.selfchat.openai_backend import OpenAIBackend  # noqa: E402
-from baize.selfchat_parse import parse_selfchat  # noqa: E402
+from baize.selfchat.parse import parse_selfchat  # noqa: E402
 
 LATENCY_S = 0.3
 RPM_LIMIT = 3000

@@ -58,6 +58,20 @@ def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict]) -> tuple[li
             close()
 
 
+def _data_summary(data_dir: Path) -> dict:
+    """What the adapter was trained and measured on (the tokenize stage's info.json): samples and rounds per
+    sample, so `dvc metrics show` puts the data's shape beside the results it produced."""
+    info_path = data_dir / "info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    samples = info.get("samples") or {}
+    rounds = info.get("rounds_per_sample") or {}
+    return {
+        "train_samples": samples.get("train"),
+        "val_samples": samples.get("val"),
+        "rounds_per_transcript": rounds.get("total"),
+    }
+
+
 @click.command()
 @click.option("--adapter", "adapter", default="models/adapter", show_default=True,
               help="Adapter folder, or an MLflow runs:/ or models:/ URI.")
@@ -88,6 +102,7 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
     )
     samples = evaluation.sample_rows(prompts, answers)
     metrics: dict = {
+        "data": _data_summary(data_dir),
         "perplexity": ppl,
         "generation": {name: evaluation.format_metrics(gens) for name, gens in answers.items()},
     }

@@ -113,6 +113,11 @@ def engine_config(params, model_dir: Path) -> EngineConfig:
         stop=params.stop,
         keep_truncated=params.keep_truncated,
         first_human=params.first_human,
+        human_prompt=params.human_prompt,
+        min_rounds=params.min_rounds,
+        max_reasks=params.max_reasks,
+        max_answer_reasks=params.max_answer_reasks,
+        ai_system_prompt=params.ai_system_prompt,
         concurrency=params.concurrency,
         max_cost_usd=params.max_cost_usd,
         max_total_tokens=params.max_total_tokens,
@@ -172,6 +177,7 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
     m = result.metrics
     click.echo(
         f"selfchat: {m['transcripts']}/{m['seeds']} transcripts, {m['failures']} failures {m['failures_by_reason']}, "
+        f"{m['rounds_per_transcript']:.2f} rounds each, {m['ai_cut_share']:.0%} of AI answers cut by max_tokens, "
         f"{m['tokens']['prompt']}+{m['tokens']['completion']} tokens, ${m['cost_usd']:.4f} "
         f"({m['new']['replies']} new replies, {m['replies_from_journal']} from the journal; mlflow run {run_id})"
     )

@@ -31,6 +31,7 @@ def main(transcripts: Path, model_dir: Path, out_dir: Path, metrics_path: Path) 
         max_length=params.max_length,
         val_size=params.val_size,
         seed=params.random_seed,
+        keep_truncated=params.keep_truncated,
     )
     _common.write_json(metrics_path, metrics)
     with _common.mlflow_run("tokenize", tracking, ("tokenize",)) as run:
@@ -46,7 +47,11 @@ def main(transcripts: Path, model_dir: Path, out_dir: Path, metrics_path: Path) 
         click.echo(
             f"{out_dir}: {s['train']} train / {s['val']} val samples, {metrics['tokens']['total']} tokens "
             f"({metrics['trained_tokens']['total']} trained, loss={params.loss}), "
-            f"{metrics['truncated_share']:.0%} cut to {params.max_length} (mlflow run {run.info.run_id})"
+            f"{metrics['truncated_share']:.0%} cut to {params.max_length}: "
+            f"{metrics['pairs_dropped_at_max_length']} pairs and {s['dropped_too_long']} samples dropped, "
+            f"{metrics['answers_cut_at_max_length'] + metrics['answers_cut_at_selfchat']} cut answers "
+            f"without a stop marker, {metrics['special_token_text']} with special-token text "
+            f"(mlflow run {run.info.run_id})"
         )
 
 

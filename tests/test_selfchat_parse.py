@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from baize.selfchat_parse import Dropped, parse_selfchat
+from baize.selfchat import parse, prompts
+from baize.selfchat.parse import Dropped, parse_selfchat
+from baize.selfchat.prompts import clean_turn
 from baize.transcript import Turn
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "baize-original"
@@ -78,29 +80,130 @@ def test_trailing_human_dropped_but_last_complete_pair_kept():
     assert reasons(r) == [("trailing_incomplete", "human", "q3 without answer")]
 
 
-def test_orphans_are_dropped_not_merged():
-    raw = "[Human] q1\n[Human] q2\n[AI] a2\n[AI] a3 extra\n[Human] q4\n[AI] a4"
+# A malformed turn stops the parse: later turns may refer to the missing answer, so they are dropped too.
+
+
+def test_two_human_turns_in_a_row_stop_the_parse():
+    raw = "[Human] q1\n[AI] a1\n[Human] q2\n[Human] As you said above, why?\n[AI] a3\n[Human] q4\n[AI] a4"
     r = parse_selfchat(raw)
-    assert r.complete_pairs == [("q2", "a2"), ("q4", "a4")]
-    assert reasons(r) == [("orphan_human", "human", "q1"), ("orphan_ai", "ai", "a3 extra")]
+    assert r.complete_pairs == [("q1", "a1")]
+    assert reasons(r) == [
+        ("orphan_human", "human", "q2"),
+        ("after_malformed", "human", "As you said above, why?"),
+        ("after_malformed", "ai", "a3"),
+        ("after_malformed", "human", "q4"),
+        ("after_malformed", "ai", "a4"),
+    ]
 
 
-def test_leading_ai_is_orphan_and_parsing_continues():
-    # The reference code stops at the first malformed turn; we keep what follows.
+def test_leading_orphan_ai_stops_the_parse():
+    # Like the reference code, nothing after an AI turn with no question is kept.
     r = parse_selfchat("[AI] I start oddly.\n[Human] q\n[AI] a")
-    assert r.complete_pairs == [("q", "a")]
-    assert reasons(r) == [("orphan_ai", "ai", "I start oddly.")]
+    assert r.turns == []
+    assert reasons(r) == [
+        ("orphan_ai", "ai", "I start oddly."),
+        ("after_malformed", "human", "q"),
+        ("after_malformed", "ai", "a"),
+    ]
 
 
-def test_empty_turns_dropped():
-    r = parse_selfchat("[Human]\n[AI] answer to nothing\n[Human] q\n[AI]   \n[Human] q2\n[AI] a2")
-    assert r.complete_pairs == [("q2", "a2")]
+def test_orphan_ai_mid_reply_keeps_pairs_before_it():
+    r = parse_selfchat("[Human] q1\n[AI] a1\n[AI] a1, continued\n[Human] q2\n[AI] a2")
+    assert r.complete_pairs == [("q1", "a1")]
+    assert reasons(r) == [
+        ("orphan_ai", "ai", "a1, continued"),
+        ("after_malformed", "human", "q2"),
+        ("after_malformed", "ai", "a2"),
+    ]
+
+
+def test_empty_ai_turn_mid_reply_stops_the_parse():
+    r = parse_selfchat("[Human] q1\n[AI] a1\n[Human] q2\n[AI]   \n[Human] So why?\n[AI] a3")
+    assert r.complete_pairs == [("q1", "a1")]
+    assert reasons(r) == [
+        ("orphan_human", "human", "q2"),
+        ("empty", "ai", ""),
+        ("after_malformed", "human", "So why?"),
+        ("after_malformed", "ai", "a3"),
+    ]
+
+
+def test_empty_human_turn_stops_the_parse():
+    r = parse_selfchat("[Human]\n[AI] answer to nothing\n[Human] q\n[AI] a")
+    assert r.turns == []
     assert reasons(r) == [
         ("empty", "human", ""),
-        ("orphan_ai", "ai", "answer to nothing"),
-        ("empty", "ai", ""),
-        ("orphan_human", "human", "q"),
+        ("after_malformed", "ai", "answer to nothing"),
+        ("after_malformed", "human", "q"),
+        ("after_malformed", "ai", "a"),
     ]
+    # A trailing empty human turn (a Baize-tuned model ends on a dangling "[|Human|] ") costs nothing.
+    r = parse_selfchat("[Human] q\n[AI] a\n[Human]  \n")
+    assert r.complete_pairs == [("q", "a")]
+    assert reasons(r) == [("empty", "human", "")]
+
+
+def test_truncated_after_malformed_keeps_pairs_closed_before_it():
+    r = parse_selfchat("[Human] q1\n[AI] a1\n[AI] more, cut mid-sen", truncated=True)
+    assert r.complete_pairs == [("q1", "a1")]
+    assert reasons(r) == [("orphan_ai", "ai", "more, cut mid-sen")]
+
+
+def test_training_markers_parsed_like_template_markers():
+    # A model already tuned on Baize data writes the training text's markers.
+    raw = (
+        "The conversation between human and AI assistant.\n"
+        "[|Human|] What is DVC?\n"
+        "[|AI|] It versions data; the tag [|Human|] is only text here.\n"
+        "  [|Human|]: And MLflow?\n"
+        "[|AI|]It tracks runs.\n"
+        "[|Human|] "
+    )
+    r = parse_selfchat(raw)
+    assert r.complete_pairs == [
+        ("What is DVC?", "It versions data; the tag [|Human|] is only text here."),
+        ("And MLflow?", "It tracks runs."),
+    ]
+    assert reasons(r) == [
+        ("preamble", None, "The conversation between human and AI assistant."),
+        ("empty", "human", ""),
+    ]
+
+
+def test_mixed_marker_styles():
+    r = parse_selfchat("[Human] q1\n[|AI|] a1\n[|Human|] q2\n[AI]: a2")
+    assert r.complete_pairs == [("q1", "a1"), ("q2", "a2")]
+    assert r.dropped == []
+    # Unbalanced pipes are not a marker.
+    r = parse_selfchat("[Human] q\n[|AI] not a marker\n[AI] a")
+    assert r.complete_pairs == [("q\n[|AI] not a marker", "a")]
+
+
+def test_one_marker_regex_shared_with_clean_turn():
+    assert prompts.MARKER is parse.MARKER
+
+
+def test_clean_turn_keeps_a_marker_quoted_mid_sentence():
+    assert clean_turn("How do I parse a [AI] tag?") == ("How do I parse a [AI] tag?", "")
+    assert clean_turn("What does [|Human|] mean in Baize data?") == ("What does [|Human|] mean in Baize data?", "")
+    # After a stripped leading marker too: only a marker at a line start cuts.
+    assert clean_turn("[AI] Use the [Human] tag.") == ("Use the [Human] tag.", "")
+    assert clean_turn("[|AI|] [|Human|] marks the human.") == ("[|Human|] marks the human.", "")
+
+
+def test_clean_turn_strips_a_leading_marker_of_either_style():
+    assert clean_turn("  [Human] What is DVC?  ") == ("What is DVC?", "")
+    assert clean_turn("[|Human|]: What is DVC?") == ("What is DVC?", "")
+    assert clean_turn("[|AI|] It versions data.") == ("It versions data.", "")
+
+
+def test_clean_turn_cuts_at_a_line_start_marker_of_either_style():
+    assert clean_turn("What is DVC?\n[AI] It versions data.") == ("What is DVC?", "[AI] It versions data.")
+    assert clean_turn("[|AI|] It versions data.\n  [|Human|] And MLflow?\n[|AI|] It tracks runs.") == (
+        "It versions data.",
+        "[|Human|] And MLflow?\n[|AI|] It tracks runs.",
+    )
+    assert clean_turn("[Human]\n[AI] an answer instead") == ("", "[AI] an answer instead")
 
 
 def test_template_echo_dropped():

@@ -1,11 +1,12 @@
 """The validate stage: every bad kind of transcript is rejected for its own reason and kept, clean data
-passes whole (the released Baize fixtures included), bad files name file:line, and the gate exits
-non-zero only after writing every output."""
+passes whole (the released English Baize fixtures included), bad files name file:line, the statistics
+(Table 2 figures and warnings) are exact, and the gate exits non-zero only after writing every output."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,15 +18,34 @@ import pytest
 from click.testing import CliRunner
 
 from baize.config import ValidateParams
-from baize.errors import InputError
+from baize.errors import InputError, ParamsError
 from baize.formats import export_baize_json, to_messages
-from baize.selfchat_parse import parse_selfchat
+from baize.selfchat import prompts
+from baize.selfchat.parse import parse_selfchat
 from baize.transcript import Transcript, Turn, write_jsonl
-from baize.validation import CHECKS, load_transcripts, validate, write_outputs
+from baize.validation import (
+    CHECKS,
+    STATS_HEADLINE,
+    check_params,
+    dataset_stats,
+    features,
+    is_terminated,
+    length_counter,
+    load_transcripts,
+    validate,
+    write_outputs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared/fixtures/baize-original"
 P = ValidateParams()
+
+
+def echo_of(instruction: str) -> str:
+    """The first 7 words of the instruction's longest sentence (placeholders out): a model repeating it."""
+    parts = re.split(r"\$\{\w+\}|\n", instruction)
+    sentences = [x for part in parts for x in re.split(r"(?<=[.!?])\s+", part)]
+    return " ".join(max(sentences, key=lambda x: len(x.split())).split()[:7]).rstrip("?.!,:")
 
 
 def make(pairs, seed="How do plants make food?", **kw) -> Transcript:
@@ -48,6 +68,8 @@ def clean_set(n: int = 12) -> list[Transcript]:
             ]
         if i % 4 == 1:
             turns += [("human", f"And at night, case {i}?"), ("ai", "As an AI language model, I'd say: respiration.")]
+        if i % 4 == 2:  # a self-chat marker quoted mid-sentence is text, not a turn boundary
+            turns += [("human", f"How do I parse a [AI] tag, case {i}?"), ("ai", "Match [Human] or [AI] at a line start.")]
         out.append(make(turns, seed=f"Photosynthesis question {i}"))
     return out
 
@@ -56,7 +78,7 @@ def clean_set(n: int = 12) -> list[Transcript]:
 BAD = {
     "id_present": (
         Transcript(
-            id="", seed="s", source="test", turns=[Turn(role="human", text="hi"), Turn(role="ai", text="hello")]
+            id="", seed="s", source="test", turns=[Turn(role="human", text="hi?"), Turn(role="ai", text="hello")]
         ),
         {"id_present": []},
     ),
@@ -67,7 +89,7 @@ BAD = {
             seed_id=None,
             source="test",
             meta={},
-            turns=[Turn(role="human", text="hi"), Turn.model_construct(role="assistant", text="hello")],
+            turns=[Turn(role="human", text="hi?"), Turn.model_construct(role="assistant", text="hello")],
         ),
         {"roles_valid": [1], "ends_with_ai": []},
     ),
@@ -84,7 +106,7 @@ BAD = {
         {"roles_alternate": []},
     ),
     "too_many_turns": (
-        make([("human", f"q{i}") if i % 2 == 0 else ("ai", f"a{i}") for i in range(P.max_turns + 2)]),
+        make([("human", f"q{i}?") if i % 2 == 0 else ("ai", f"a{i}") for i in range(P.max_turns + 2)]),
         {"turn_count": []},
     ),
     "no_turns": (make([]), {"starts_with_human": [], "ends_with_ai": [], "turn_count": []}),
@@ -96,15 +118,15 @@ BAD = {
     "role_markers": (
         make(
             [
-                ("human", "a [Human] b"),
+                ("human", "a [Human] b?"),  # self-chat markers mid-sentence: quoted text, fine
                 ("ai", "c [AI] d"),
-                ("human", "e [|Human|] f"),
+                ("human", "e [|Human|] f?"),  # training markers anywhere would forge a turn in the training text
                 ("ai", "g\n[|AI|] h"),
-                ("human", "fine"),
-                ("ai", "fine too"),
+                ("human", "fine?"),
+                ("ai", "fine too\n [Human] and a self-chat marker at a line start is another speaker's turn"),
             ]
         ),
-        {"no_role_markers": [0, 1, 2, 3]},
+        {"no_role_markers": [2, 3, 5]},
     ),
     "replacement_char": (make([("human", "Tell me about owls."), ("ai", "Owls \ufffd hunt.")]), {"valid_utf8": [1]}),
     # As read from a JSONL line with a "\ud800" escape (content_id can't hash it, so no make()).
@@ -121,6 +143,55 @@ BAD = {
         make([("human", "Tell me\x00 about owls."), ("ai", "Owls \x1b[31mhunt\x1b[0m.")]),
         {"no_control_chars": [0, 1]},
     ),
+    # The self-chat prompt leaking back: a system prompt, a template sentence, a paraphrase (an AI turn that
+    # repeats the template is a leak too; a leaked human turn that asks nothing also fails human_asks).
+    "prompt_leak": (
+        make(
+            [
+                ("human", "What is a good pasta recipe?"),
+                ("ai", "The human will ask about the topic of cooking."),
+                ("human", "You're an AI assistant for text re-writing. Rewrite the input text to make it concise."),
+                ("ai", "Sure. Forget the instruction you have previously received."),
+                ("human", "Can you say more? Human statements start with a tag."),
+                ("ai", "Of course."),
+            ]
+        ),
+        {"no_prompt_leak": [1, 2, 3, 4], "human_asks": [2]},
+    ),
+    # The turn-by-turn follow-up instruction echoed (6 words of it), and a role label opening a sentence.
+    "followup_leak": (
+        make(
+            [
+                ("human", "How do bees make honey?"),
+                ("ai", "They collect nectar."),
+                ("human", f"{echo_of(prompts.FOLLOWUP_INSTRUCTION)}: do wasps make honey?"),
+                ("ai", "Fine. Assistant: they do not."),
+            ]
+        ),
+        {"no_prompt_leak": [2, 3]},
+    ),
+    # A human turn written in the AI's voice: a statement, no request (the AI before it asked nothing).
+    "statement_human_turn": (
+        make(
+            [
+                ("human", "Tell me about Python."),
+                ("ai", "It is a programming language."),
+                ("human", "Python is a programming language created in 1991."),
+                ("ai", "Indeed it is."),
+            ]
+        ),
+        {"human_asks": [2]},
+    ),
+    # A statement opening that is not the seed is not exempt.
+    "statement_opening": (
+        make([("human", "Parsing JSON directly using input stream"), ("ai", "Use a streaming parser.")]),
+        {"human_asks": [0]},
+    ),
+    # A training marker quoted mid-sentence is a role-marker problem (it would forge a turn), not a prompt leak.
+    "quoted_marker": (
+        make([("human", "In Baize data, what does the [|AI|] tag before a line mean?"), ("ai", "It marks the AI.")]),
+        {"no_role_markers": [0]},
+    ),
     # The same dialogue as clean_set()[0] under another seed: a duplicate (the first copy stays accepted).
     "duplicate": (None, {"duplicate": []}),
     # An exact copy: same content id, so also not id-unique.
@@ -128,10 +199,41 @@ BAD = {
 }
 
 
+def tricky_clean() -> list[Transcript]:
+    """Valid records near the new checks' edges: each must be accepted."""
+    return [
+        # Stack Overflow seeds are titles: `first_human: seed` opens with one, and that is not a statement.
+        make(
+            [("human", "parsing JSON directly, using input stream"), ("ai", "Use a streaming parser.")],
+            seed="Parsing json directly using input stream",
+        ),
+        # Requests without a "?", a reply to the AI's own question, and the natural closing.
+        make(
+            [
+                ("human", "I'm interested in learning more about regular expression compilers."),
+                ("ai", "Happy to help. What do you specifically want to know?"),
+                ("human", "Mostly the history, as I'm writing an essay."),
+                ("ai", "Thompson's 1968 paper compiled regexes to machine code."),
+                ("human", "That makes sense. Explain how backtracking differs."),
+                ("ai", "Backtracking tries alternatives one by one."),
+                ("human", "Thanks for the help!"),
+                ("ai", "You're welcome!"),
+            ]
+        ),
+        # Talking about chatbots is not a leak: a "label AI:" mid-sentence, a conversation between a human and an AI.
+        make(
+            [
+                ("human", "What does the label AI: mean in a chat log?"),
+                ("ai", "It marks a conversation between a human and an AI assistant: the AI's lines follow it."),
+            ]
+        ),
+    ]
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """Clean records with one bad record of each kind in between; validated once, Data Docs built."""
-    clean = clean_set()
+    clean = clean_set() + tricky_clean()
     bad = dict(BAD)
     bad["duplicate"] = (
         clean[0].model_copy(update={"seed": "another seed", "id": "dup0000000000000"}),
@@ -181,13 +283,23 @@ def test_clean_records_all_accepted(mixed):
     assert len(report.rejected()) == len(BAD)
     m = json.loads(mixed["paths"]["metrics"].read_text())
     assert (m["records"], m["accepted"], m["rejected"]) == (len(mixed["records"]), len(mixed["clean"]), len(BAD))
-    assert m["checks"]["no_role_markers"] == {
-        "failed": 1,
-        "pass_rate": round(1 - 1 / m["records"], 6),
+    assert m["checks"]["no_role_markers"] == {  # role_markers (3 turns) and quoted_marker (1)
+        "failed": 2,
+        "pass_rate": round(1 - 2 / m["records"], 6),
         "failed_turns": 4,
     }
+    leak = {"failed": 2, "pass_rate": round(1 - 2 / m["records"], 6), "failed_turns": 6}
+    assert m["checks"]["no_prompt_leak"] == leak
+    assert m["checks"]["human_asks"]["failed"] == 3
     assert m["checks"]["duplicate_rate"]["observed"] == pytest.approx(2 / m["records"], abs=1e-6)
     assert set(m["checks"]) == set(CHECKS)
+    # metrics.json stays small (one `dvc metrics show` table): the headline statistics only, of the accepted data.
+    assert set(m) == {"records", "turns", "accepted", "rejected", "pass_rate", "min_pass_rate", "gate_passed",
+                      "stats", "checks"}
+    assert list(m["stats"]) == list(STATS_HEADLINE) and m["stats"]["dialogues"] == len(mixed["clean"])
+    stats = json.loads(mixed["paths"]["stats"].read_text())
+    assert stats["length_unit"] == "words" and stats["tokenizer"] is None
+    assert stats["input"]["dialogues"] == m["records"] and stats["accepted"]["prompt_leak_share"] == 0.0
 
 
 def test_clean_set_passes_whole(tmp_path):
@@ -257,16 +369,21 @@ def test_refusal_patterns_param_is_used():
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures absent")
-def test_released_baize_fixtures_pass_whole():
-    transcripts = []
-    for name in ["english_records.json", "quora_ko_selfchat_300.json"]:
-        loaded, fmt = load_transcripts(FIXTURES / name)
-        assert fmt == "baize-json"
-        transcripts += loaded
-    assert len(transcripts) == 305
-    report = validate(transcripts, P)
-    assert [r["failed"] for r in report.rejected()] == []
-    assert report.gate_passed and report.pass_rate == 1.0
+def test_released_baize_fixtures():
+    """The English records pass whole; in the Korean re-run the English request cues miss the human turns
+    without a "?" (about 15% of them): those records fail human_asks and nothing else, and with the check
+    off (`request_patterns: []`) the file passes whole."""
+    (english, fmt_en), (korean, fmt_ko) = (load_transcripts(FIXTURES / n) for n in
+                                           ["english_records.json", "quora_ko_selfchat_300.json"])
+    assert (fmt_en, fmt_ko, len(english), len(korean)) == ("baize-json", "baize-json", 5, 300)
+    report = validate(english + korean, P)
+    rejected = report.rejected()
+    assert [r["index"] for r in rejected if r["index"] < len(english)] == []
+    assert {tuple(r["failed"]) for r in rejected} == {("human_asks",)}
+    assert 0.10 < len(rejected) / len(korean) < 0.25  # 51 of 300 measured
+    assert report.gate_passed
+    off = validate(korean, ValidateParams(request_patterns=[]))
+    assert off.rejected() == [] and off.gate_passed and off.pass_rate == 1.0
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures absent")
@@ -277,6 +394,165 @@ def test_parsed_raw_reply_passes_with_its_disclaimers_counted():
     assert report.rejected() == [] and report.gate_passed
     refusal = next(r for r in report.checks if r.check.name == "refusal_rate")
     assert refusal.observed == pytest.approx(3 / 8)  # three AI turns open with "As an AI language model"
+
+
+# --------------------------------------------------------------------------- cut turns, warnings, statistics
+
+
+def stats_set() -> list[Transcript]:
+    """A hand-made dataset whose statistics are worked out by hand in the tests below.
+
+    Words (lower-cased, punctuation dropped) of the AI turns: 10, 4, 6, 4, 8; of the human turns: 3, 5, 4, 8, 5.
+    Record 2 is rejected (its human turn asks nothing). AI turns 1 of records 1 and 3 were cut by max_tokens
+    (and end without punctuation). Record 3 spells <|im_end|> and <s>; record 2 spells the tiny tokenizer's <|fin|>.
+    """
+
+    def cut(t: Transcript, turns: list[int]) -> Transcript:
+        return t.model_copy(update={"meta": {"truncated_turns": turns}})
+
+    return [
+        make([("human", "What is rain?"), ("ai", "As an AI, I know rain is water from clouds.")], seed="Rain"),
+        cut(
+            make(
+                [
+                    ("human", "Why is the sky blue?"),
+                    ("ai", "Because of Rayleigh scattering"),
+                    ("human", "Thanks for the help!"),
+                    ("ai", "You are welcome, you are welcome!"),
+                ],
+                seed="Sky",
+            ),
+            [1],
+        ),
+        make([("human", "Python is a programming language created in 1991."), ("ai", "Yes, it is. <|fin|>")],
+             seed="Python"),
+        cut(make([("human", "Tell me about <|im_end|> tokens."), ("ai", "They end a turn <s> in chat templates")],
+                 seed="Tokens"), [1]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A word-level tokenizer folder (words and runs of punctuation are tokens) with a special token <|fin|>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|fin|>").save_pretrained(folder)
+    return folder
+
+
+def test_statistics_in_words_are_exact():
+    """No tokenizer: lengths in words. The accepted subset (records 0, 1, 3) and the whole input."""
+    records_df, turns_df = features(stats_set(), check_params(P))
+    words = length_counter(None)
+    assert words.unit == "words"
+    lengths = words.count(list(turns_df["text"]))
+    assert dataset_stats(records_df, turns_df, lengths) == {
+        "dialogues": 4,
+        "avg_rounds": 1.25,  # 5 pairs / 4
+        "avg_ai_tokens": 6.4,  # 32 / 5
+        "avg_human_tokens": 5.0,  # 25 / 5
+        "distinct_1": 0.875,  # 28 distinct of 32 words
+        "distinct_2": 0.9259,  # 25 / 27: "you are", "are welcome" repeat
+        "truncated_share": 0.4,  # 2 of 5 AI turns
+        "unterminated_ai_rate": 0.4,  # the same two: no closing punctuation ("<|fin|>" ends in ">")
+        "refusal_share": 0.2,  # "As an AI"
+        "prompt_leak_share": 0.0,
+        "special_token_text_turns": 2,  # <|im_end|>, <s>; <|fin|> is no common special token
+    }
+    accepted = records_df[records_df["row"] != 2]
+    assert dataset_stats(accepted, turns_df, lengths) == {
+        "dialogues": 3,
+        "avg_rounds": 1.3333,
+        "avg_ai_tokens": 7.0,  # 28 / 4
+        "avg_human_tokens": 4.25,  # 17 / 4
+        "distinct_1": 0.8929,  # 25 / 28
+        "distinct_2": 0.9167,  # 22 / 24
+        "truncated_share": 0.5,
+        "unterminated_ai_rate": 0.5,
+        "refusal_share": 0.25,
+        "prompt_leak_share": 0.0,
+        "special_token_text_turns": 2,
+    }
+
+
+def test_cut_turns_fail_the_gate_and_statistics_count_base_model_tokens(tiny_tokenizer, tmp_path):
+    """Cut answers are 2 of 5 (> max_cut_turn_rate 0.2): the gate fails, no record is rejected for it.
+    Lengths in the tokenizer's tokens (no special tokens added); its own special token is counted as text."""
+    lengths = length_counter(tiny_tokenizer)
+    assert lengths.unit == "tokens" and "<|fin|>" in lengths.special_tokens
+    report = validate(stats_set(), P, lengths=lengths)
+    assert [r.check.name for r in report.dataset_failures()] == ["cut_turn_rate"]
+    assert not report.gate_passed and "cut_turn_rate 0.400 > max 0.2" in report.summary()
+    assert [(r["index"], r["failed"]) for r in report.rejected()] == [(2, ["human_asks"])]
+    m = report.metrics()
+    assert m["checks"]["cut_turn_rate"] == {"observed": 0.4, "max": 0.2, "passed": False}
+    # Tokens: "What is rain?" = What|is|rain|? = 4, ... "<|fin|>" = 1, "<|im_end|>" = <||im_end||> = 3.
+    assert m["stats"] == {
+        "dialogues": 3,
+        "avg_rounds": 1.3333,
+        "avg_ai_tokens": 8.5,  # (12 + 4 + 8 + 10) / 4
+        "distinct_2": 0.9167,
+        "truncated_share": 0.5,
+        "refusal_share": 0.25,
+    }
+    inp = report.stats["input"]
+    assert (inp["avg_ai_tokens"], inp["avg_human_tokens"]) == (8.0, 6.4)  # 40 / 5, 32 / 5
+    assert inp["special_token_text_turns"] == 3 and report.stats["accepted"]["special_token_text_turns"] == 2
+    assert report.stats["accepted"]["avg_human_tokens"] == 5.75  # 23 / 4
+    assert (report.stats["length_unit"], report.stats["tokenizer"]) == ("tokens", str(tiny_tokenizer))
+    line = report.stats_line()
+    assert "3 dialogues, 1.33 rounds, AI 8.5 / human 5.8 tokens" in line and "cut 50.0%" in line
+    assert "unterminated AI turns 40.0%, special-token text in 3 turns" in line
+    paths = write_outputs(report, tmp_path / "out", tmp_path / "report")
+    assert json.loads(paths["stats"].read_text()) == report.stats
+
+
+@pytest.mark.parametrize(
+    ("text", "terminated"),
+    [
+        ("Rain is water.", True),
+        ("Is it?", True),
+        ("Wow!  \n", True),
+        ("It falls from clouds, and then", False),  # cut mid-sentence by max_tokens
+        ("Here is how:", False),
+        ("The answer is 42", False),
+        ("비는 구름에서 내립니다.", True),
+        ("雨是从云中落下的。", True),
+        ("真的吗？", True),
+        ('He said "stop."', True),
+        ("He said “stop”", True),
+        ("(see the docs)", True),
+        ("```python\nprint(1)\n```", True),
+        ("Have fun 🎉", True),
+        ("Love it ❤️", True),
+        ("", False),
+    ],
+)
+def test_unterminated_ai_turns(text, terminated):
+    assert is_terminated(text) is terminated
+
+
+def test_every_selfchat_instruction_echoed_is_a_leak():
+    """Six words in a row of any instruction the self-chat sends (prompts.INSTRUCTIONS) are a leak, with no
+    pattern needed; the template's greeting turns, which real conversations say too, are not."""
+    instructions = getattr(prompts, "INSTRUCTIONS", (prompts.TEMPLATE, prompts.FOLLOWUP_INSTRUCTION))
+    echoes = [echo_of(x) for x in instructions]
+    records = [make([("human", f"{e}?"), ("ai", "Hi! How can I help you?")]) for e in echoes]
+    _, turns = features(records, check_params(ValidateParams(prompt_leak_patterns=[])))
+    assert dict(zip(turns["text"], turns["prompt_leak"], strict=True)) == {
+        **{f"{e}?": 1 for e in echoes},
+        "Hi! How can I help you?": 0,
+    }
+
+
+@pytest.mark.parametrize("key", ["prompt_leak_patterns", "request_patterns"])
+def test_bad_regex_in_new_params_names_the_key(key):
+    with pytest.raises(ParamsError, match=rf"validate\.{key}\.1 = '\(x': invalid regex"):
+        check_params(ValidateParams(**{key: ["ok", "(x"]}))
 
 
 # --------------------------------------------------------------------------- input formats and bad files
@@ -413,11 +689,18 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["accepted"] == 6 and run.data.metrics["checks.turn_length.failed"] == 1
     assert run.data.params["validate.input"] == "data/selfchat/transcripts.jsonl"
-    assert {"validation/metrics.json", "validation/rejected.jsonl", "validation/data_docs"} <= artifacts
+    assert {"validation/metrics.json", "validation/stats.json", "validation/rejected.jsonl",
+            "validation/data_docs"} <= artifacts
+    # No models/base here: lengths in words, and said so. All statistics in MLflow, the headline in metrics.json.
+    stats = json.loads((project / "reports/validation/stats.json").read_text())
+    assert stats["length_unit"] == "words" and metrics["stats"]["dialogues"] == 6
+    assert "stats (words (no tokenizer in models/base)): accepted: 6 dialogues" in result.output
+    assert run.data.metrics["stats.accepted.dialogues"] == 6 and run.data.metrics["stats.input.dialogues"] == 7
+    assert "stats.input.unterminated_ai_rate" in run.data.metrics and "stats.dialogues" not in run.data.metrics
 
 
 def test_gate_exits_non_zero_after_writing_everything(tmp_path, monkeypatch):
-    bad = [make([("human", f"q{i} [AI] forged"), ("ai", "x")], seed=f"s{i}") for i in range(5)]
+    bad = [make([("human", f"q{i}?\n[AI] forged"), ("ai", "x")], seed=f"s{i}") for i in range(5)]
     project = _project(tmp_path, clean_set(3) + bad + [BAD["empty_turn"][0]], min_pass_rate=0.8)
     result = _run_stage(project, monkeypatch)
     assert result.exit_code == 1
@@ -517,7 +800,7 @@ def test_data_docs_site_has_the_suite_results(mixed):
     pages = {p.name: p for p in (docs / "validations").rglob("*.html")}
     assert set(pages) == {"baize-records.html", "baize-turns.html"}
     html = pages["baize-turns.html"].read_text("utf-8")
-    assert "no_role_markers: no [Human]/[AI]" in html and "turn_length: every turn has [1, 8000]" in html
+    assert "no_role_markers: no [|Human|]/[|AI|] inside a turn" in html and "turn_length: every turn has [1, 8000]" in html
 
 
 @pytest.mark.skipif(_browser() is None, reason="no Chromium (apt-get install -y --no-install-recommends chromium)")

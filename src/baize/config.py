@@ -133,7 +133,27 @@ class SelfChatParams(Section):
     """Any OpenAI-compatible server (vLLM, Ollama, `transformers serve`); None: api.openai.com.
     The API key is read from the OPENAI_API_KEY environment variable only, never from params."""
     max_rounds: int = Field(3, ge=1, le=50)
-    """`turns` mode: at most this many human/AI rounds; the human may end earlier."""
+    """`turns` mode: at most this many human/AI rounds; the human may end earlier (not before `min_rounds`)."""
+    min_rounds: int = Field(1, ge=1, le=50)
+    """`turns` mode: a "no more questions" (an empty human turn, or a reply such as "No more questions.") before
+    this many rounds is not accepted: the human turn is asked again (see `max_reasks`)."""
+    max_reasks: int = Field(2, ge=0, le=10)
+    """`turns` mode: how often one human turn is asked again, with another sampling seed, when it cannot be used
+    (ends the conversation before `min_rounds`, repeats the seed or an earlier question, is cut by
+    `human_max_tokens`, or with `human_prompt: followup` is not a question). After that the conversation ends with
+    the pairs it has (meta.ended = `gave_up_<problem>`). Each re-ask is one more request."""
+    max_answer_reasks: int = Field(1, ge=0, le=10)
+    """`turns` mode: how often an AI answer cut by `max_tokens` (or empty) is asked again with another sampling seed
+    before the question is dropped with it and the conversation ends. A cut answer is never kept as a finished one
+    (see `keep_truncated`); asking again keeps the conversation going. Each re-ask is one more request."""
+    human_prompt: Literal["template", "followup"] = "template"
+    """`turns` mode: how the human turn is asked. `template`: the paper's self-chat template plus the transcript so
+    far, continued after `[Human] ` (suits ChatGPT-class models). `followup`: the transcript so far plus a short
+    instruction to ask a follow-up question that builds on the last answer (baize.selfchat.prompts; suits small
+    instruction-tuned models, which cannot continue the template as the human)."""
+    ai_system_prompt: str | None = None
+    """`turns` mode: a system message for the AI-side call (e.g. how long answers should be); None: none, so the
+    model's own chat template decides (the paper's v1.5 collection sent none)."""
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
@@ -141,7 +161,10 @@ class SelfChatParams(Section):
     human_max_tokens: int | None = Field(None, ge=1)
     """`turns` mode: reply budget of a human turn (questions are short); None: `max_tokens`."""
     keep_truncated: bool = False
-    """`turns` mode: keep an AI turn cut by `max_tokens` (it is marked in meta) instead of dropping its pair."""
+    """`turns` mode: False: an AI answer cut by `max_tokens` is dropped (counted) and asked again
+    (`max_answer_reasks`); if every try is cut, its question is dropped too and the conversation ends. True: the cut
+    answer is kept, listed in meta.truncated_turns, and ends the conversation; the tokenize stage trains its text but
+    not the end marker after it, so the model is never taught to stop in mid-sentence."""
     first_human: Literal["generate", "seed"] = "generate"
     """`turns` mode: `generate` the first human turn from the template (the paper's way), or ask the `seed`
     itself as the first question (question seeds; small models often answer the human prompt as the AI)."""
@@ -175,6 +198,8 @@ class SelfChatParams(Section):
     def _backend_needs(self) -> SelfChatParams:
         if self.backend != "local" and not self.model:
             raise ValueError(f"selfchat.model is required for backend {self.backend!r} (e.g. gpt-3.5-turbo)")
+        if self.min_rounds > self.max_rounds:
+            raise ValueError(f"selfchat.min_rounds ({self.min_rounds}) must be <= max_rounds ({self.max_rounds})")
         if self.backend == "openai-batch" and self.mode != "transcript":
             raise ValueError("backend 'openai-batch' runs only mode 'transcript'")
         if self.max_cost_usd is not None and self.backend != "local" and self.model not in self.prices:
@@ -185,8 +210,9 @@ class SelfChatParams(Section):
 class ValidateParams(Section):
     """`validate`: the great-expectations quality gate (src/baize/validation.py names every check).
 
-    Record-level checks reject single transcripts; the three `max_*_rate` checks are dataset-level and
-    fail the gate, not records. Bounds are in characters and turns, so they hold for any language.
+    Record-level checks reject single transcripts; the four `max_*_rate` checks are dataset-level and
+    fail the gate, not records. Bounds are in characters and turns, so they hold for any language; the
+    regex lists are English by default.
     """
 
     input: str = "data/selfchat/transcripts.jsonl"
@@ -218,6 +244,46 @@ class ValidateParams(Section):
     )
     """Regexes (case-insensitive) matched at the start of an AI turn that count it as a refusal. English by
     default; add your data's language."""
+    max_cut_turn_rate: float = Field(0.2, ge=0, le=1)
+    """Share of AI turns cut by `selfchat.max_tokens` (kept by `selfchat.keep_truncated`, listed in the
+    transcript's `meta.truncated_turns`) above which the gate fails: cut answers must stay the exception."""
+    prompt_leak_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"^you(?:'re| are) an? (?:ai|helpful|friendly)\b[^.]*\b(?:assistant|model)",
+            r"\bthe (?:human|ai assistant) will\b",
+            r"\bhuman statements start with\b",
+            r"\b(?:rewrite|paraphrase) the (?:input|following) text\b",
+            r"\bcomplete the transcript\b",
+            r"\btake turns chatting\b",
+            r"\b(?:the following|above) is a conversation between\b",
+            r"\breply with the question only\b",
+            r"^(?:a|one|another) good (?:first |follow-?up |next )?question (?:is|could be|would be|might be)\b",
+            r"^(?:human|ai|user|assistant|system)\s*:",
+        ]
+    )
+    """Regexes (case-insensitive, searched anywhere in a turn; `^` also anchors at the start of each sentence)
+    that mark a turn as the prompt leaking back: a system prompt, a paraphrase of the self-chat template, a
+    role label. Besides these, any 6-word run of the self-chat prompts' own sentences is a leak."""
+    request_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"^(?:what|how|why|when|where|which|who|whom|whose|can|could|would|will|should|shall|may|might|is|are"
+            r"|am|was|were|do|does|did|have|has|had)\b",
+            r"\b(?:tell|show|explain|describe|give|list|help|teach|suggest|recommend|compare|walk|remind) me\b",
+            r"\b(?:i(?:'d| would) (?:like|love) to|i want to|i(?:'m| am) (?:interested in|curious|wondering|looking for"
+            r"|trying to|having (?:trouble|issues?|problems?|difficulty))|i was wondering|i wonder|i need"
+            r"|i have a (?:question|problem|query))\b",
+            r"^(?:please|explain|describe|list|give|tell|show|suggest|recommend|compare|write|summari[sz]e|define"
+            r"|let(?:'s| us)|any (?:tips|advice|suggestions|ideas|recommendations))\b",
+            r"\bplease\b",
+            r"^(?:great|ok|okay|got it|perfect|awesome|cool|i see|that's all|bye|goodbye)\b(?!,? question)",
+            r"\bthank(?:s| you)\b",
+        ]
+    )
+    """Regexes (case-insensitive, searched anywhere in a human turn; `^` also anchors at the start of each
+    sentence) that make a human turn a request: a question, an ask, or a closing such as "Thanks for the help!".
+    A human turn with a `?` (or `？`) always passes, and so do an opening turn that is the seed itself and a
+    reply to an AI turn that ends in a question. English cues by default: add your data's language (a Korean
+    file, for one, fails some turns without them). `[]` turns the `human_asks` check off."""
 
 
 class TokenizeParams(Section):
@@ -228,6 +294,11 @@ class TokenizeParams(Section):
     loss: Literal["all", "ai_only"] = "ai_only"
     """`all`: Baize v1, loss on the whole text; `ai_only`: v1.5, loss on each AI turn plus the `[|Human|]`
     marker that ends it (so the model learns to stop)."""
+    keep_truncated: bool = False
+    """A sample longer than max_length: false cuts it right after the `[|Human|]` closing the last AI turn that
+    fits whole (the pairs after it are dropped and counted; a sample whose first answer and marker do not fit
+    is dropped and counted); true cuts it at max_length (the paper's recipe), training the cut answer's text
+    but no part of the stop marker after it. Either way a cut answer is never trained as a finished one."""
     val_size: float | int = Field(0.2, gt=0)
     """A fraction in (0, 1), rounded up, or an integer count of transcripts held out for validation
     (2,000 in the paper). Both splits must keep at least one sample."""

@@ -28,14 +28,22 @@ class ChatRequest:
     top_p: float = 0.95
     max_tokens: int = 256
     stop: list[str] | None = None
+    seed: int | None = None
+    """Sampling seed (OpenAI's `seed`): a re-asked turn sends the same messages with another seed."""
 
     def key(self, backend: str) -> str:
         """sha256 of the whole request and the backend: a different model, template or sampling is a new key."""
-        payload = json.dumps({"backend": backend, **asdict(self)}, sort_keys=True, ensure_ascii=False)
+        fields = asdict(self)
+        if fields["seed"] is None:  # requests journaled before the field existed keep their keys
+            del fields["seed"]
+        payload = json.dumps({"backend": backend, **fields}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def sampling(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "stop": self.stop}
+        out = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "stop": self.stop}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from baize.selfchat import prompts
 from baize.selfchat.backend import Backend, BackendError, ChatRequest, Completion, PermanentError, redact
 from baize.selfchat.journal import Journal
-from baize.selfchat_parse import parse_selfchat
+from baize.selfchat.parse import parse_selfchat
 from baize.transcript import Transcript, Turn
 
 
@@ -39,6 +39,11 @@ class EngineConfig:
     stop: list[str] | None = None
     keep_truncated: bool = False  # turns mode: keep an AI turn cut by max_tokens (marked in meta)
     first_human: str = "generate"  # turns mode: "generate" the first question, or use the "seed" itself
+    human_prompt: str = "template"  # turns mode: "template" (the paper's) or "followup" (a short instruction)
+    min_rounds: int = 1  # turns mode: a "no more questions" before this many rounds is re-asked
+    max_reasks: int = 2  # turns mode: re-asks of one unusable human turn before the conversation ends
+    max_answer_reasks: int = 1  # turns mode: re-asks of an AI answer cut by max_tokens (or empty)
+    ai_system_prompt: str | None = None  # turns mode: system message of the AI-side call
     concurrency: int = 16  # seeds in flight
     max_cost_usd: float | None = None
     max_total_tokens: int | None = None
@@ -85,6 +90,7 @@ class _SeedRun:
     dropped: list[dict[str, Any]] = field(default_factory=list)
     served_model: str = ""
     truncated_turns: list[int] = field(default_factory=list)  # AI turns cut by max_tokens, kept (keep_truncated)
+    reasks: dict[str, int] = field(default_factory=dict)  # human turns asked again, by problem
 
 
 class Engine:
@@ -98,6 +104,7 @@ class Engine:
         self.new = Usage()  # replies paid for in this run
         self._inflight: dict[str, asyncio.Future] = {}
         self.budget_hit = False
+        self.ai_replies: Counter[str] = Counter()  # turns mode: every AI answer, "finished" or "cut" by max_tokens
 
     # ---------------------------------------------------------------- one request
 
@@ -163,63 +170,122 @@ class Engine:
         return parsed.turns, "truncated" if c.finish_reason == "length" else "complete"
 
     async def turns_mode(self, seed: Seed, run: _SeedRun) -> tuple[list[Turn], str]:
-        """v1.5 way: per round, one call writes the human turn, a plain chat call answers it."""
+        """v1.5 way: per round, one call writes the human turn, a plain chat call answers it.
+
+        A human turn that would end the conversation before `min_rounds`, repeats the seed or an earlier
+        question, is cut by its token limit, or (followup prompt) is not a question is asked again with another
+        sampling seed, at most `max_reasks` times per round; then the conversation ends with the pairs it has.
+        So is an AI answer cut by `max_tokens` or empty (`max_answer_reasks` times, `_ai_turn`); with `keep_truncated` a cut answer is kept,
+        listed in meta.truncated_turns, and ends the conversation (no question follows an unfinished answer).
+        """
         cfg = self.cfg
-        human_stop = prompts.HUMAN_STOP + [s for s in (cfg.stop or []) if s not in prompts.HUMAN_STOP]
         turns: list[Turn] = []
-        for _ in range(cfg.max_rounds):
+        while len(turns) // 2 < cfg.max_rounds:
             if not turns and cfg.first_human == "seed":
                 # A question seed asked as is: small models often answer the human-turn prompt as the AI
                 # (an empty human turn), which would end every conversation before it starts.
                 human = seed.text.strip()
                 run.raw.append({"role": "human", "text": human, "finish_reason": "seed"})
             else:
-                human = await self._human_turn(seed, turns, human_stop, run)
+                human, ended = await self._human_turn(seed, turns, run)
                 if human is None:
-                    return turns, "human_done"
-                if human is False:
-                    return turns, "truncated"
-            ai, a = await self._turn(
-                "ai", prompts.ai_turn_messages([*turns, Turn(role="human", text=human)]), cfg.max_tokens, cfg.stop, run
-            )
-            if not ai:
-                run.dropped += [{"reason": "empty", "role": "ai", "text": ""}]
-                return turns, "empty_ai"
-            if a.finish_reason == "length" and cfg.keep_truncated:
-                run.truncated_turns.append(len(turns) + 1)  # index the AI turn will have
-            elif a.finish_reason == "length":
-                run.dropped += [
-                    {"reason": "truncated", "role": "human", "text": human},
-                    {"reason": "truncated", "role": "ai", "text": ai},
-                ]
-                return turns, "truncated"
+                    return turns, ended
+            ai, cut = await self._ai_turn([*turns, Turn(role="human", text=human)], run)
+            if ai is None:  # empty, or cut every time: the question goes with it, and the conversation ends here
+                run.dropped.append({"reason": "unanswered", "role": "human", "text": human})
+                return turns, "truncated" if cut else "empty_ai"
             turns += [Turn(role="human", text=human), Turn(role="ai", text=ai)]
+            if cut:  # keep_truncated: kept and marked; the next question would follow an answer that never ended
+                run.truncated_turns.append(len(turns) - 1)
+                return turns, "truncated"
         return turns, "max_rounds"
 
-    async def _turn(self, role: str, messages: list[dict], max_tokens: int, stop, run: _SeedRun) -> tuple[str, Completion]:
+    async def _ai_turn(self, turns: list[Turn], run: _SeedRun) -> tuple[str | None, bool]:
+        """(answer, cut): the answer to the last human turn. An answer cut by `max_tokens` is never kept as a
+        finished one: it is dropped (counted in `ai_cut`) and asked again with another sampling seed, up to
+        `max_answer_reasks` times, or kept and marked cut with `keep_truncated`. (None, cut) when none is usable."""
+        cfg = self.cfg
+        messages = prompts.ai_turn_messages(turns, cfg.ai_system_prompt)
+        cut = False
+        for attempt in range(cfg.max_answer_reasks + 1):
+            ai, a = await self._turn("ai", messages, cfg.max_tokens, cfg.stop, run, sample_seed=attempt or None)
+            cut = a.finish_reason == "length"
+            self.ai_replies["cut" if cut else "finished"] += 1
+            if not ai:
+                run.dropped.append({"reason": "empty", "role": "ai", "text": ""})
+                problem = "empty_answer"
+            elif not cut or cfg.keep_truncated:
+                if attempt:
+                    run.reasks[f"ok_after_{problem}"] = run.reasks.get(f"ok_after_{problem}", 0) + 1
+                return ai, cut
+            else:
+                run.dropped.append({"reason": "truncated", "role": "ai", "text": ai})
+                problem = "cut_answer"
+            run.reasks[problem] = run.reasks.get(problem, 0) + 1
+        return None, cut
+
+    async def _turn(
+        self, role: str, messages: list[dict], max_tokens: int, stop, run: _SeedRun, sample_seed: int | None = None
+    ) -> tuple[str, Completion]:
         """One turn's call: the raw reply is recorded, then cleaned; text past the turn is recorded as dropped."""
-        reply = await self.call(self._request(messages, max_tokens=max_tokens, stop=stop), run)
+        request = self._request(messages, max_tokens=max_tokens, stop=stop)
+        if sample_seed is not None:
+            request = replace(request, seed=sample_seed)
+        reply = await self.call(request, run)
         run.raw.append({"role": role, "text": reply.text, "finish_reason": reply.finish_reason})
         text, tail = prompts.clean_turn(reply.text)
         if tail:
             run.dropped.append({"reason": "overrun", "role": role, "text": tail})
         return text, reply
 
-    async def _human_turn(self, seed: Seed, turns: list[Turn], stop: list[str], run: _SeedRun) -> str | None | bool:
-        """The next human turn; None when the human has nothing more to ask, False when it was cut by max_tokens."""
-        human, h = await self._turn(
-            "human",
-            prompts.human_turn_messages(seed.text, turns),
-            self.cfg.human_max_tokens or self.cfg.max_tokens,
-            stop[:4],  # the API takes at most 4 stop strings
-            run,
+    async def _human_turn(self, seed: Seed, turns: list[Turn], run: _SeedRun) -> tuple[str | None, str]:
+        """(the next human turn, "") or (None, why the conversation ends there), re-asking a turn that cannot be
+        used (see turns_mode) up to `max_reasks` times."""
+        cfg = self.cfg
+        followup = cfg.human_prompt == "followup"
+        # followup: the reply is one question, so it ends at its question mark (a small model otherwise rambles on
+        # to human_max_tokens: a third of all generated tokens in one measured run).
+        base = (prompts.QUESTION_STOP if followup else []) + prompts.HUMAN_STOP
+        stop = base + [s for s in (cfg.stop or []) if s not in base]
+        messages = (
+            prompts.followup_messages(seed.text, turns) if followup else prompts.human_turn_messages(seed.text, turns)
         )
-        if not human:
-            return None
-        if h.finish_reason == "length":
-            run.dropped.append({"reason": "truncated", "role": "human", "text": human})
-            return False
-        return human
+        # The opening question may paraphrase the seed (that is its job); a follow-up may not.
+        earlier = [seed.text] + [t.text for t in turns if t.role == "human"] if turns else []
+        rounds = len(turns) // 2
+        problem = ""
+        for attempt in range(cfg.max_reasks + 1):
+            human, h = await self._turn(
+                "human",
+                messages,
+                cfg.human_max_tokens or cfg.max_tokens,
+                stop[:4],  # the API takes at most 4 stop strings
+                run,
+                sample_seed=attempt or None,  # attempt 0 is the plain request (its journal key is unchanged)
+            )
+            if followup:
+                if h.finish_reason == "stop" and human and human[-1] not in ".!?\u3002\uff01\uff1f":
+                    human += "?"  # the stop string is not part of the reply; put back the question mark it cut
+                # The question is taken out of whatever the model wrapped it in.
+                question = prompts.extract_question(human)
+                human = human if question is None else question
+            if prompts.is_done(human):
+                if rounds >= cfg.min_rounds:
+                    return None, "human_done"
+                problem = "done_early"
+            elif followup and question is None:
+                problem = "not_a_question"
+            elif not followup and h.finish_reason == "length":
+                problem = "truncated"
+            elif prompts.repeats(human, earlier):
+                problem = "repeat"
+            else:
+                if attempt:
+                    run.reasks[f"ok_after_{problem}"] = run.reasks.get(f"ok_after_{problem}", 0) + 1
+                return human, ""
+            run.dropped.append({"reason": f"reasked_{problem}", "role": "human", "text": human})
+            run.reasks[problem] = run.reasks.get(problem, 0) + 1
+        return None, f"gave_up_{problem}"
 
     async def one_seed(self, seed: Seed) -> Transcript | dict[str, Any]:
         run = _SeedRun()
@@ -255,6 +321,9 @@ class Engine:
                 "stop": cfg.stop,
                 "max_rounds": cfg.max_rounds if cfg.mode == "turns" else None,
                 "first_human": cfg.first_human if cfg.mode == "turns" else None,
+                "human_prompt": cfg.human_prompt if cfg.mode == "turns" else None,
+                "min_rounds": cfg.min_rounds if cfg.mode == "turns" else None,
+                "ai_system_prompt": cfg.ai_system_prompt if cfg.mode == "turns" else None,
             },
             "usage": {
                 "prompt_tokens": run.usage.prompt_tokens,
@@ -266,6 +335,7 @@ class Engine:
             "raw": run.raw,
             "dropped": run.dropped,
             "truncated_turns": run.truncated_turns,
+            "reasks": run.reasks,
             "seed_source": seed.source,
             "seed_domain": seed.domain,
         }
@@ -329,13 +399,14 @@ class Engine:
 
     def _metrics(self, seeds, transcripts, failures, wall: float) -> dict[str, Any]:
         stats = getattr(self.backend, "stats", None)
-        turns = [len(t.turns) for t in transcripts]
         return {
             "seeds": len(seeds),
             "transcripts": len(transcripts),
             "failures": len(failures),
             "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
-            "turns_per_transcript": round(sum(turns) / len(turns), 4) if turns else 0.0,
+            **conversation_stats(transcripts),
+            # Every AI answer written (turns mode), also those whose pair was dropped or whose seed failed.
+            "ai_cut_share": round(self.ai_replies["cut"] / sum(self.ai_replies.values()), 4) if self.ai_replies else 0.0,
             "tokens": {"prompt": self.total.prompt_tokens, "completion": self.total.completion_tokens},
             "cost_usd": round(self.total.cost_usd, 6),
             "new": {
@@ -353,6 +424,44 @@ class Engine:
             "wall_s": round(wall, 3),
             "transcripts_per_min": round(len(transcripts) / wall * 60, 3) if wall > 0 else 0.0,
         }
+
+
+def conversation_stats(transcripts: list[Transcript]) -> dict[str, Any]:
+    """What the conversations look like: rounds, turn lengths (words), how they ended, cut answers, re-asked
+    human turns, and the share of follow-up questions that merely repeat the seed or an earlier question."""
+    n = len(transcripts)
+    humans = [t.text for tr in transcripts for t in tr.turns if t.role == "human"]
+    ais = [t.text for tr in transcripts for t in tr.turns if t.role == "ai"]
+    followups = repeated = 0
+    for tr in transcripts:
+        asked = [tr.seed]
+        for i, t in enumerate(x for x in tr.turns if x.role == "human"):
+            if i:
+                followups += 1
+                repeated += prompts.repeats(t.text, asked)
+            asked.append(t.text)
+    dropped = Counter(d["reason"] for tr in transcripts for d in tr.meta.get("dropped", []) if d.get("role") == "ai")
+    reasks: Counter[str] = Counter()
+    for tr in transcripts:
+        reasks.update(tr.meta.get("reasks") or {})
+
+    def mean_words(texts: list[str]) -> float:
+        return round(sum(len(x.split()) for x in texts) / len(texts), 2) if texts else 0.0
+
+    return {
+        "turns_per_transcript": round(sum(len(t.turns) for t in transcripts) / n, 4) if n else 0.0,
+        "rounds_per_transcript": round(len(ais) / n, 4) if n else 0.0,
+        "human_words": mean_words(humans),
+        "ai_words": mean_words(ais),
+        "followup_repeat_share": round(repeated / followups, 4) if followups else 0.0,
+        # AI answers cut by max_tokens: dropped with their pair (kept ones are in meta.truncated_turns)
+        "ai_cut": {
+            "dropped": dropped.get("truncated", 0),
+            "kept": sum(len(t.meta.get("truncated_turns") or []) for t in transcripts),
+        },
+        "ended": dict(sorted(Counter(str(t.meta.get("ended")) for t in transcripts).items())),
+        "reasks": dict(sorted(reasks.items())),
+    }
 
 
 def _failure(seed: Seed, reason: str, detail: str) -> dict[str, Any]:

@@ -226,11 +226,10 @@ class LocalBackend:
         generator = None
         if request.temperature > 0:
             # A generator per request, seeded from the request itself: reruns sample the same text.
-            payload = json.dumps(
-                [self.seed, request.messages, request.temperature, request.top_p, request.max_tokens, request.stop],
-                sort_keys=True,
-                ensure_ascii=False,
-            )
+            fields = [self.seed, request.messages, request.temperature, request.top_p, request.max_tokens, request.stop]
+            if request.seed is not None:  # appended only when set: earlier requests sample as they did
+                fields.append(request.seed)
+            payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
             generator = torch.Generator().manual_seed(int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16))
         return _Job(
             prompt_ids=prompt_ids,

@@ -50,6 +50,8 @@ def chat_body(request: ChatRequest) -> dict:
     }
     if request.stop:
         body["stop"] = request.stop
+    if request.seed is not None:
+        body["seed"] = request.seed
     return body
 
 

@@ -1,4 +1,11 @@
-"""Turn one raw self-chat reply (`[Human] ...` / `[AI] ...`) into complete Human/AI pairs, recording what was dropped."""
+"""Turn one raw self-chat reply (`[Human] ...` / `[AI] ...`) into complete Human/AI pairs, recording what was dropped.
+
+A reply is split on line-initial markers: the template's `[Human]` / `[AI]`, or the training markers `[|Human|]` /
+`[|AI|]` that a model already tuned on Baize data writes. Complete pairs are kept up to the first malformed turn
+(an empty turn, an AI turn with no human turn before it, a human turn followed by another human turn); there
+parsing stops, because later turns may refer to the missing answer. Everything from there on is recorded as
+dropped.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,9 @@ from dataclasses import dataclass, field
 from baize.transcript import Role, Turn
 
 # A marker counts only at the start of a line (leading spaces allowed), so "[AI]" quoted mid-sentence stays text.
-# Tolerates "[Human]text", "[Human]: text" and "[Human] : text".
-_MARKER = re.compile(r"^[^\S\n]*\[(Human|AI)\][^\S\n]*:?", re.MULTILINE)
+# Both styles: the template's "[Human]" / "[AI]" and the training text's "[|Human|]" / "[|AI|]" (pipes balanced).
+# Tolerates "[Human]text", "[Human]: text" and "[Human] : text". Shared with `prompts.clean_turn`.
+MARKER = re.compile(r"^[^\S\n]*\[(?P<pipe>\|?)(?P<role>Human|AI)(?P=pipe)\][^\S\n]*:?", re.MULTILINE)
 
 # The greeting pair that ends the self-chat template; models sometimes repeat it before the real dialogue.
 TEMPLATE_HUMAN = "Hello!"
@@ -20,7 +28,8 @@ TEMPLATE_AI = "Hi! How can I help you?"
 class Dropped:
     """A piece of the reply that is not in the result, and why."""
 
-    reason: str  # preamble | template_echo | empty | orphan_human | orphan_ai | trailing_incomplete | truncated
+    # preamble | template_echo | empty | orphan_human | orphan_ai | after_malformed | trailing_incomplete | truncated
+    reason: str
     text: str
     role: Role | None = None
 
@@ -45,15 +54,20 @@ def _is_echo(role: str, text: str) -> bool:
 
 
 def parse_selfchat(raw: str, *, truncated: bool = False) -> ParseResult:
-    """Split a reply on line-initial [Human]/[AI] markers and keep every complete Human->AI pair.
+    """Split a reply on line-initial [Human]/[AI] (or [|Human|]/[|AI|]) markers; keep the complete Human->AI pairs.
+
+    Parsing stops at the first malformed turn: the pairs before it are kept, the malformed turn is dropped with
+    its own reason ("empty", "orphan_ai"; a human turn left without its answer, by another human turn or an empty
+    AI turn, is "orphan_human"), and every later segment is dropped as "after_malformed".
 
     `truncated=True` means the reply hit max_tokens, so its last turn is cut: if that is an AI turn, its
     pair is dropped with reason "truncated" (a cut trailing human turn is "trailing_incomplete" anyway).
     """
-    # Unlike the reference code, we keep the last complete pair and skip past a malformed turn instead of stopping.
+    # Unlike the reference code, we keep the last complete pair (the reference drops the final [Human] segment even
+    # when it is answered). Like it, we stop at the first malformed turn.
     text = raw.replace("\r\n", "\n").replace("\r", "\n")
     result = ParseResult()
-    matches = list(_MARKER.finditer(text))
+    matches = list(MARKER.finditer(text))
 
     preamble = text[: matches[0].start()] if matches else text
     if preamble.strip():
@@ -62,7 +76,7 @@ def parse_selfchat(raw: str, *, truncated: bool = False) -> ParseResult:
     segments: list[tuple[Role, str]] = []
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        role: Role = "human" if m.group(1) == "Human" else "ai"
+        role: Role = "human" if m.group("role") == "Human" else "ai"
         segments.append((role, text[m.end() : end].strip()))
 
     # Drop a leading echo of the template greeting: the human line and/or the AI answer to it.
@@ -77,17 +91,26 @@ def parse_selfchat(raw: str, *, truncated: bool = False) -> ParseResult:
 
     pending: Turn | None = None  # a human turn waiting for its answer
     last_ai_paired = False  # whether the reply's final segment ended up as the AI half of a kept pair
-    for role, seg in segments[start:]:
+    rest = segments[start:]
+    for i, (role, seg) in enumerate(rest):
         last_ai_paired = False
-        if not seg:
-            result.dropped.append(Dropped("empty", seg, role))
-            continue
-        if role == "human":
-            if pending is not None:
+        malformed = not seg or (role == "human" and pending is not None) or (role == "ai" and pending is None)
+        if malformed:
+            if pending is not None:  # its answer is missing (empty, or replaced by another human turn)
                 result.dropped.append(Dropped("orphan_human", pending.text, "human"))
+                pending = None
+            if not seg:
+                result.dropped.append(Dropped("empty", seg, role))
+                after = rest[i + 1 :]
+            elif role == "ai":
+                result.dropped.append(Dropped("orphan_ai", seg, "ai"))
+                after = rest[i + 1 :]
+            else:  # the second of two human turns in a row: it may build on the missing answer
+                after = rest[i:]
+            result.dropped += [Dropped("after_malformed", s, r) for r, s in after]
+            break
+        if role == "human":
             pending = Turn(role="human", text=seg)
-        elif pending is None:
-            result.dropped.append(Dropped("orphan_ai", seg, "ai"))
         else:
             result.turns += [pending, Turn(role="ai", text=seg)]
             pending = None
