@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from baize.config import SeedParams, SeedSource, parse_section
 from baize.errors import BaizeError, InputError, ParamsError
@@ -339,15 +340,16 @@ def _workdir(tmp_path: Path, seed_section: str | None = None) -> Path:
 @pytest.mark.timeout(180)
 def test_stage_writes_seeds_metrics_and_mlflow_run(tmp_path):
     work = _workdir(tmp_path)
+    n = yaml.safe_load((work / "params.yaml").read_text())["seed"]["num_seeds"]  # the default profile's count
     proc = _stage(work)
     assert proc.returncode == 0, proc.stderr
     seeds = read_seeds(work / "data/seeds/seeds.jsonl")
-    assert len(seeds) == 24 and len({s.id for s in seeds}) == 24
+    assert len(seeds) == n and len({s.id for s in seeds}) == n
     assert {s.source for s in seeds} == {"packaged:all"} and len({s.domain for s in seeds}) >= 3
     metrics = json.loads((work / "reports/seed/metrics.json").read_text())
-    assert metrics["written"] == 24 and metrics["loaded"] == {"packaged:all": len(load_packaged("all"))}
+    assert metrics["written"] == n and metrics["loaded"] == {"packaged:all": len(load_packaged("all"))}
     assert set(metrics["dropped"]) == set(DROP_REASONS)
-    assert sum(metrics["sampled"]["by_domain"].values()) == 24
+    assert sum(metrics["sampled"]["by_domain"].values()) == n
 
     import mlflow
 
@@ -356,8 +358,8 @@ def test_stage_writes_seeds_metrics_and_mlflow_run(tmp_path):
             if r.data.tags.get("baize.stage") == "seed" and r.data.tags.get("baize.kind") == "stage"]
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.metrics["written"] == 24 and run.data.metrics["loaded.packaged:all"] == metrics["loaded_total"]
-    assert run.data.params["seed.num_seeds"] == "24"
+    assert run.data.metrics["written"] == n and run.data.metrics["loaded.packaged:all"] == metrics["loaded_total"]
+    assert run.data.params["seed.num_seeds"] == str(n)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"seeds.jsonl", "metrics.json"}
 
     # Same params, same file (byte for byte).
