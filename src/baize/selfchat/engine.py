@@ -90,7 +90,7 @@ class _SeedRun:
     dropped: list[dict[str, Any]] = field(default_factory=list)
     served_model: str = ""
     truncated_turns: list[int] = field(default_factory=list)  # AI turns cut by max_tokens, kept (keep_truncated)
-    reasks: dict[str, int] = field(default_factory=dict)  # human turns asked again, by problem
+    reasks: Counter[str] = field(default_factory=Counter)  # turns asked again, by problem (and ok_after_<problem>)
 
 
 class Engine:
@@ -175,8 +175,9 @@ class Engine:
         A human turn that would end the conversation before `min_rounds`, repeats the seed or an earlier
         question, is cut by its token limit, or (followup prompt) is not a question is asked again with another
         sampling seed, at most `max_reasks` times per round; then the conversation ends with the pairs it has.
-        So is an AI answer cut by `max_tokens` or empty (`max_answer_reasks` times, `_ai_turn`); with `keep_truncated` a cut answer is kept,
-        listed in meta.truncated_turns, and ends the conversation (no question follows an unfinished answer).
+        So is an AI answer cut by `max_tokens` or empty (`max_answer_reasks` times, `_ai_turn`); with
+        `keep_truncated` a cut answer is kept, listed in meta.truncated_turns, and ends the conversation (no question
+        follows an unfinished answer).
         """
         cfg = self.cfg
         turns: list[Turn] = []
@@ -216,12 +217,12 @@ class Engine:
                 problem = "empty_answer"
             elif not cut or cfg.keep_truncated:
                 if attempt:
-                    run.reasks[f"ok_after_{problem}"] = run.reasks.get(f"ok_after_{problem}", 0) + 1
+                    run.reasks[f"ok_after_{problem}"] += 1
                 return ai, cut
             else:
                 run.dropped.append({"reason": "truncated", "role": "ai", "text": ai})
                 problem = "cut_answer"
-            run.reasks[problem] = run.reasks.get(problem, 0) + 1
+            run.reasks[problem] += 1
         return None, cut
 
     async def _turn(
@@ -281,10 +282,10 @@ class Engine:
                 problem = "repeat"
             else:
                 if attempt:
-                    run.reasks[f"ok_after_{problem}"] = run.reasks.get(f"ok_after_{problem}", 0) + 1
+                    run.reasks[f"ok_after_{problem}"] += 1
                 return human, ""
             run.dropped.append({"reason": f"reasked_{problem}", "role": "human", "text": human})
-            run.reasks[problem] = run.reasks.get(problem, 0) + 1
+            run.reasks[problem] += 1
         return None, f"gave_up_{problem}"
 
     async def one_seed(self, seed: Seed) -> Transcript | dict[str, Any]:
@@ -335,7 +336,7 @@ class Engine:
             "raw": run.raw,
             "dropped": run.dropped,
             "truncated_turns": run.truncated_turns,
-            "reasks": run.reasks,
+            "reasks": dict(run.reasks),
             "seed_source": seed.source,
             "seed_domain": seed.domain,
         }
