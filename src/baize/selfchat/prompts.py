@@ -31,8 +31,8 @@ FOLLOWUP_INSTRUCTION = "Question: ${QUESTION}\nAnswer: ${ANSWER}\n\nWhat is a go
 INSTRUCTIONS = (TEMPLATE, FOLLOWUP_SYSTEM, OPENING_INSTRUCTION, FOLLOWUP_INSTRUCTION)
 """Every instruction the self-chat sends: validation rejects a turn that echoes one of them."""
 
-# A human turn that ends the conversation (besides an empty one): the followup instruction's own signal, and
-# what the paper's template elicits ("The human will stop the conversation when they have no more question").
+# A human turn that ends the conversation (besides an empty one): what the paper's template elicits ("The human
+# will stop the conversation when they have no more question"), in either prompt mode.
 _DONE = re.compile(
     r"^\W*(?:no (?:more|further|other) questions?|i (?:have|'ve got) no (?:more|further|other) questions?"
     r"|i don'?t have any (?:more|further|other) questions?|that'?s all(?: for now)?|nothing else)\b",
