@@ -177,11 +177,74 @@ def load_tokenizer(base: Path, adapter: Path | None = None):
     return tok
 
 
+ADAPTER_META = "baize_adapter.json"
+STACKED_ON = "stacked_on"
+"""Key of baize_adapter.json naming the subfolder that holds the frozen first adapter of a stacked (Baize v2) one."""
+
+
+def stacked_on(adapter_dir: Path) -> str | None:
+    """The subfolder name of the first adapter a stacked (SDF) adapter folder carries, or None for a plain one.
+
+    Layout (PEFT's own for several adapters): the folder's root is the second LoRA (`default`), `<name>/` the
+    first; both are applied together: h = W0 x + B1 A1 x + B2 A2 x.
+    """
+    import json
+
+    meta = Path(adapter_dir) / ADAPTER_META
+    if not meta.is_file():
+        return None
+    try:
+        name = json.loads(meta.read_text(encoding="utf-8")).get(STACKED_ON)
+    except (json.JSONDecodeError, AttributeError):
+        raise BaizeError(f"{meta}: not a JSON object") from None
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or "/" in name or name in (".", "..", "default"):
+        raise BaizeError(f"{meta}: {STACKED_ON} = {name!r}: expected the name of a subfolder")
+    check_adapter_dir(Path(adapter_dir) / name)
+    return name
+
+
+def attach_adapter(model, adapter_dir: Path):
+    """`model` (a plain transformers model) with the adapter folder on top, frozen: a `PeftModel`.
+
+    A stacked folder (`stacked_on`) loads both LoRAs and activates both; `set_active(model, [...])` switches.
+    """
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    first = stacked_on(adapter_dir)
+    if first is not None:
+        model.load_adapter(str(Path(adapter_dir) / first), adapter_name=first, is_trainable=False)
+        model.base_model.set_adapter([first, "default"], inference_mode=True)
+    return model
+
+
+def set_active(model, names: list[str]) -> None:
+    """Make exactly `names` the active adapters of a PeftModel (frozen): e.g. the first one alone is v1.5."""
+    model.base_model.set_adapter(list(names), inference_mode=True)
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """sha256 of the adapter's weights (both LoRAs of a stacked folder): its identity in journal keys."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    first = stacked_on(adapter_dir)
+    folders = [Path(adapter_dir)] + ([Path(adapter_dir) / first] if first else [])
+    for folder in folders:
+        with (folder / "adapter_model.safetensors").open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def load_model(base: str | Path, adapter: str | Path | None = None, dtype: str = "float32"):
     """(model, tokenizer): the base in `dtype` (safetensors only, no remote code), with the adapter on top if given.
 
     With an adapter the model is a `PeftModel`: `with model.disable_adapter():` gives the base model back
-    without loading it twice (the evaluation compares both in one run this way).
+    without loading it twice (the evaluation compares both in one run this way). A stacked (SDF, Baize v2)
+    adapter folder loads both of its LoRAs, both active (see `attach_adapter`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -193,9 +256,7 @@ def load_model(base: str | Path, adapter: str | Path | None = None, dtype: str =
         str(base), dtype=_torch_dtype(dtype), use_safetensors=True, trust_remote_code=False
     )
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        model = attach_adapter(model, adapter_dir)
     model.eval()
     return model, load_tokenizer(base, adapter_dir)
 

@@ -20,7 +20,14 @@ from baize.errors import BaizeError
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One Chat Completions call. `messages` are OpenAI-style `{"role", "content"}` dicts."""
+    """One Chat Completions call. `messages` are OpenAI-style `{"role", "content"}` dicts.
+
+    Two optional extensions (None: an ordinary chat call, with the same journal key as before they existed):
+    `prompt`, a raw text prompt sent as is instead of `messages` (a completion call: no chat template; the Baize
+    inference prompt is plain text), and the structured-output constraints `response_format` (OpenAI's JSON-schema
+    `response_format`, for servers that support it) and `choices` (the reply must be exactly one of these strings:
+    the local backend enforces it by constrained decoding, so even a tiny model returns a parseable reply).
+    """
 
     messages: list[dict[str, str]]
     model: str
@@ -30,12 +37,19 @@ class ChatRequest:
     stop: list[str] | None = None
     seed: int | None = None
     """Sampling seed (OpenAI's `seed`): a re-asked turn sends the same messages with another seed."""
+    prompt: str | None = None
+    """A raw prompt (completion call); `messages` is then empty."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI `response_format`, e.g. `{"type": "json_schema", "json_schema": {...}}`."""
+    choices: list[str] | None = None
+    """The reply must be one of these strings (constrained decoding in the local backend)."""
 
     def key(self, backend: str) -> str:
         """sha256 of the whole request and the backend: a different model, template or sampling is a new key."""
         fields = asdict(self)
-        if fields["seed"] is None:  # requests journaled before the field existed keep their keys
-            del fields["seed"]
+        for name in ("seed", "prompt", "response_format", "choices"):
+            if fields[name] is None:  # requests journaled before the field existed keep their keys
+                del fields[name]
         payload = json.dumps({"backend": backend, **fields}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 

@@ -141,3 +141,21 @@ class Journal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def request_key(request, backend_name: str, endpoint: str | None = None) -> str:
+    """The journal key of a request: the request itself, the backend and, for a server, its endpoint (two servers
+    under one model name are two models)."""
+    return request.key(backend_name if not endpoint else f"{backend_name}@{endpoint}")
+
+
+async def complete_journaled(backend, journal: Journal, request, endpoint: str | None = None) -> tuple[Completion, bool]:
+    """(completion, was it in the journal): ask the backend only for what the journal does not hold, and record the
+    reply (fsynced) before it is used, so a kill -9 after this costs nothing on the re-run."""
+    key = request_key(request, backend.name, endpoint)
+    hit = journal.get(key)
+    if hit is not None:
+        return hit, True
+    completion = await backend.complete(request)
+    journal.record(key, completion)
+    return completion, False

@@ -20,6 +20,11 @@ and in turn-by-turn mode the previous round's whole prompt are shared).
 
 Positions are tracked per row (RoPE uses each row's own token count), so extra left padding from merging changes
 nothing but masked-out zeros: greedy output equals one-at-a-time `model.generate` (tested).
+
+Beyond chat messages: a request with `prompt` is a raw text prompt (no chat template: the Baize inference prompt),
+and one with `choices` is decoded under a constraint: at each step only tokens that continue one of the allowed
+strings (as the tokenizer spells it) can be sampled, and the reply ends when one is complete. That is how a 135M
+judge always returns a parseable score. With `adapter`, the backend serves base + LoRA (a stacked SDF folder too).
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class _Job:
     generated: list[int] = field(default_factory=list)
     next_pos: int = 0  # RoPE position of the next token fed for this row (= real tokens so far)
     scanned: int = 0  # characters of decoded text already searched for stop strings
+    node: dict | None = None  # `choices` requests: the trie node of the tokens so far ({} = a whole choice)
 
 
 class LocalBackend:
@@ -105,6 +111,9 @@ class LocalBackend:
     `prefix_cache_tokens`: how many prompt tokens of KV to keep for reuse (0: off). Self-chat prompts share long
     prefixes (the chat template's system prompt and the paper's template; each round's prompt starts with the
     previous round's), so a new prompt is prefilled only from where it departs from the closest kept one.
+    `adapter`: a LoRA adapter folder (plain or stacked) served on top of the base. It is merged into the weights
+    in float32 (W = W0 + s B A per target module, then cast to `dtype`): numerically the same function as the
+    unmerged base + LoRA in float32 (up to float rounding), without the LoRA matmuls at every decode step.
     """
 
     name = "local"
@@ -120,6 +129,7 @@ class LocalBackend:
         admit_min: int | None = None,
         model_name: str | None = None,
         prefix_cache_tokens: int = 8192,
+        adapter: str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise ParamsError(f"local backend batch_size: {batch_size} must be >= 1")
@@ -138,10 +148,18 @@ class LocalBackend:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=True
+                model_dir,
+                dtype=torch.float32 if adapter is not None else DTYPES[dtype],
+                use_safetensors=True,
+                local_files_only=True,
             ).eval()
         except (OSError, ValueError) as exc:
             raise BaizeError(f"{model_dir}: cannot load the model: {str(exc).splitlines()[0]}") from exc
+        if adapter is not None:
+            from baize.inference import attach_adapter, check_adapter_dir
+
+            peft_model = attach_adapter(self.model, check_adapter_dir(Path(adapter)))
+            self.model = peft_model.merge_and_unload().to(DTYPES[dtype]).eval()
         if not self.tokenizer.chat_template:
             raise BaizeError(f"{model_dir}: the tokenizer has no chat template; the local backend needs one")
 
@@ -159,6 +177,7 @@ class LocalBackend:
         self._closed = False
         self.stats = LocalStats()
         self._prefixes = _PrefixStore(prefix_cache_tokens)
+        self._tries: dict[tuple[str, ...], dict] = {}
 
     # ---- public API -------------------------------------------------------------------------------------------
 
@@ -197,6 +216,13 @@ class LocalBackend:
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
+    def encode(self, request: ChatRequest) -> list[int]:
+        """The prompt token ids of a request: its raw `prompt` as is, else its `messages` through the chat template."""
+        if request.prompt is not None:
+            # As `inference.generate` tokenizes the Baize prompt: the tokenizer's own special tokens (BOS if any).
+            return list(self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+        return self.render(request.messages)
+
     def render(self, messages: list[dict]) -> list[int]:
         """The prompt token ids: the chat template with the generation prompt (what one-at-a-time would feed)."""
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -217,7 +243,7 @@ class LocalBackend:
         return ids
 
     def _make_job(self, request: ChatRequest) -> _Job:
-        prompt_ids = self.render(request.messages)
+        prompt_ids = self.encode(request)
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise ContextLengthError(
@@ -229,6 +255,8 @@ class LocalBackend:
             fields = [self.seed, request.messages, request.temperature, request.top_p, request.max_tokens, request.stop]
             if request.seed is not None:  # appended only when set: earlier requests sample as they did
                 fields.append(request.seed)
+            if request.prompt is not None or request.choices is not None:
+                fields.append({"prompt": request.prompt, "choices": request.choices})
             payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
             generator = torch.Generator().manual_seed(int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16))
         return _Job(
@@ -239,7 +267,28 @@ class LocalBackend:
             stop=[s for s in (request.stop or []) if s],
             generator=generator,
             future=concurrent.futures.Future(),
+            node=self._choice_trie(request.choices) if request.choices is not None else None,
         )
+
+    def _choice_trie(self, choices: list[str]) -> dict:
+        """A token trie of the allowed replies (`{token: subtree}`, `{}` = a whole reply); built once per set."""
+        key = tuple(choices)
+        if key not in self._tries:
+            if not choices:
+                raise ParamsError("local backend: `choices` is empty")
+            root: dict = {}
+            ends = []
+            for text in choices:
+                node = root
+                for token in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+                    node = node.setdefault(token, {})
+                ends.append((text, node))
+            # A reply ends as soon as it spells a whole choice, so no choice may continue another.
+            for text, node in ends:
+                if node or node is root:
+                    raise ParamsError(f"local backend: choice {text!r} is empty or a prefix of another choice")
+            self._tries[key] = root
+        return self._tries[key]
 
     def _submit(self, job: _Job) -> None:
         with self._lock:
@@ -358,12 +407,14 @@ class LocalBackend:
 
     def _advance(self, logits: torch.Tensor, rows: list[_Job], state: dict, only_from: int) -> None:
         """Sample one token for rows[only_from:], finish the ones that are done, and drop them from the batch."""
-        tokens = _sample(logits.float(), rows[only_from:])
+        tokens = _sample(_constrain(logits.float(), rows[only_from:]), rows[only_from:])
         finished: list[int] = []
         for offset, token in enumerate(tokens):
             index = only_from + offset
             job = rows[index]
             job.generated.append(token)
+            if job.node is not None:
+                job.node = job.node[token]
             result = self._finish_if_done(job)
             if result is not None or job.future.cancelled():
                 finished.append(index)
@@ -392,7 +443,9 @@ class LocalBackend:
                         layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     def _finish_if_done(self, job: _Job) -> Completion | None:
-        """The Completion when `job` just ended (EOS, a stop string, max_tokens), else None."""
+        """The Completion when `job` just ended (a whole choice, EOS, a stop string, max_tokens), else None."""
+        if job.node is not None and not job.node:
+            return self._completion(job, job.generated, "stop")
         if job.generated[-1] in self.eos_ids:
             return self._completion(job, job.generated[:-1], "stop")
         if job.stop:
@@ -551,6 +604,20 @@ def _merge(caches: list, masks: list[torch.Tensor]) -> tuple:
         else:  # sliding-window and other layer kinds keep their own update rules
             layer.keys, layer.values = keys, values
     return target, torch.cat([_pad_left(m, length, 1) for m in masks])
+
+
+def _constrain(logits: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
+    """Logits with every token that does not continue an allowed choice set to -inf (rows with `choices`)."""
+    constrained = [i for i, job in enumerate(jobs) if job.node is not None]
+    if not constrained:
+        return logits
+    logits = logits.clone()
+    for i in constrained:
+        allowed = torch.tensor(list(jobs[i].node), dtype=torch.long)
+        row = torch.full_like(logits[i], float("-inf"))
+        row[allowed] = logits[i, allowed]
+        logits[i] = row
+    return logits
 
 
 def _sample(logits: torch.Tensor, jobs: list[_Job]) -> list[int]:

@@ -52,6 +52,15 @@ def chat_body(request: ChatRequest) -> dict:
         body["stop"] = request.stop
     if request.seed is not None:
         body["seed"] = request.seed
+    if request.response_format is not None:
+        body["response_format"] = request.response_format
+    return body
+
+
+def completion_body(request: ChatRequest) -> dict:
+    """The (legacy) Completions request body for a raw-prompt request: no chat template on the server."""
+    body = {k: v for k, v in chat_body(request).items() if k not in ("messages", "response_format")}
+    body["prompt"] = request.prompt
     return body
 
 
@@ -101,7 +110,10 @@ class OpenAIBackend:
 
     async def complete(self, request: ChatRequest) -> Completion:
         # Estimate before the call (4 chars per token + the reply budget), correct with the real usage after.
-        estimate = sum(len(m["content"]) for m in request.messages) / 4 + request.max_tokens
+        if request.choices is not None:
+            raise PermanentError(f"{self.where}: the openai backend has no `choices` constraint; use response_format")
+        chars = len(request.prompt) if request.prompt is not None else sum(len(m["content"]) for m in request.messages)
+        estimate = chars / 4 + request.max_tokens
         attempt = 0
         while True:
             wait = None
@@ -112,8 +124,11 @@ class OpenAIBackend:
                 await self._tpm.acquire(estimate)
                 self.stats.requests += 1
                 try:
-                    response = await self.client.chat.completions.create(**chat_body(request))
-                    completion = self._completion(response)
+                    if request.prompt is not None:
+                        response = await self.client.completions.create(**completion_body(request))
+                    else:
+                        response = await self.client.chat.completions.create(**chat_body(request))
+                    completion = self._completion(response, raw_prompt=request.prompt is not None)
                     self._tpm.debit(completion.prompt_tokens + completion.completion_tokens - estimate)
                     return completion
                 except openai.RateLimitError as exc:
@@ -144,14 +159,17 @@ class OpenAIBackend:
             delay = random.uniform(backoff / 2, backoff)  # jitter: spread the retries of a 429 storm
             await asyncio.sleep(max(delay, wait or 0.0))
 
-    def _completion(self, response) -> Completion:
+    def _completion(self, response, raw_prompt: bool = False) -> Completion:
         choices = getattr(response, "choices", None)
         if not choices:
             raise BadResponseError(f"{self.where}: reply without choices")
         choice = choices[0]
-        text = choice.message.content if choice.message else None
+        if raw_prompt:  # a Completions reply
+            text = getattr(choice, "text", None)
+        else:
+            text = choice.message.content if choice.message else None
         if text is None:
-            raise BadResponseError(f"{self.where}: reply without message content (finish_reason {choice.finish_reason})")
+            raise BadResponseError(f"{self.where}: reply without text (finish_reason {choice.finish_reason})")
         usage = response.usage
         return Completion(
             text=text,
