@@ -1,22 +1,33 @@
-"""Optional LLM judge, as in the paper's evaluation (the Vicuna-style GPT-4 judge).
+"""LLM judges: the paper's evaluation judge (reference first, 1-10) and the Baize v2 (SDF) judge (one score 1-100).
 
-For each question the judge sees a reference answer first (Assistant 1) and the model's answer second
-(Assistant 2) and scores both from 1 to 10 for helpfulness, relevance, accuracy and level of detail. The
-result is the model's total score relative to the reference's, in percent (the paper's "relative score").
+Evaluation (the Vicuna-style GPT-4 judge): for each question the judge sees a reference answer first (Assistant 1)
+and the model's answer second (Assistant 2) and scores both from 1 to 10 for helpfulness, relevance, accuracy and
+level of detail. The result is the model's total score relative to the reference's, in percent (the paper's
+"relative score").
+
+SDF (`judge_answers`): each sampled answer alone gets one score from 1 to 100 for the same four qualities, with
+the packaged, versioned prompt `prompts/sdf_judge_v1.txt`, asked as structured output (a JSON schema through
+`response_format` for OpenAI-compatible servers; for the local judge, decoding constrained to `{"score": N}`)
+and parsed strictly (`parse_score`): a reply without a valid score is a recorded failure with its reason.
 
 The judge is any self-chat backend (`baize.selfchat`: OpenAI, an OpenAI-compatible server, the local model);
-every reply is recorded in a self-chat `Journal` keyed by the full request, so a re-run pays nothing twice.
+every reply is recorded in a self-chat `Journal` keyed by the full request (judge model, prompt) and endpoint,
+so a re-run pays nothing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-from baize.selfchat.backend import Backend, ChatRequest, Completion
-from baize.selfchat.journal import Journal
+from baize.errors import BaizeError
+from baize.selfchat.backend import Backend, BackendError, ChatRequest, Completion, PermanentError
+from baize.selfchat.journal import Journal, complete_journaled
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 
@@ -70,14 +81,8 @@ def answer_request(question: str, *, model: str, max_tokens: int) -> ChatRequest
 
 
 async def _cached(backend: Backend, journal: Journal, request: ChatRequest, stats: dict[str, int]) -> Completion:
-    key = request.key(backend.name)
-    hit = journal.get(key)
-    if hit is not None:
-        stats["cached"] += 1
-        return hit
-    completion = await backend.complete(request)
-    journal.record(key, completion)  # fsynced before we use it: a crash after this costs nothing on re-run
-    stats["requests"] += 1
+    completion, cached = await complete_journaled(backend, journal, request)
+    stats["cached" if cached else "requests"] += 1
     return completion
 
 
@@ -129,3 +134,146 @@ async def judge_rows(
         "cached": stats["cached"],
     }
     return list(judged), summary
+
+
+# --------------------------------------------------------------------------- SDF: one score from 1 to 100 per answer
+
+SCORE_MIN, SCORE_MAX = 1, 100
+LOCAL_CHOICES = [json.dumps({"score": n}) for n in range(SCORE_MIN, SCORE_MAX + 1)]
+"""What the local judge may write: exactly `{"score": N}` (no rationale: a 135M model's would be noise, and
+tokens)."""
+SCORE_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer_score",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            # The rationale first: a model that explains before it scores scores better.
+            "properties": {
+                "rationale": {"type": "string"},
+                "score": {"type": "integer", "minimum": SCORE_MIN, "maximum": SCORE_MAX},
+            },
+            "required": ["rationale", "score"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def load_judge_prompt(spec: str, root: Path | None = None) -> str:
+    """The SDF judge prompt: `packaged:<name>` (src/baize/prompts/<name>.txt) or a text file; it must hold the
+    placeholders `{question}` and `{answer}` (other braces, e.g. JSON examples, are text)."""
+    from baize import prompts
+
+    if spec.startswith("packaged:"):
+        try:
+            text = prompts.load_text(spec.split(":", 1)[1])
+        except KeyError:
+            raise BaizeError(f"sdf_judge.prompt = {spec!r}: no such packaged prompt") from None
+    else:
+        path = (root or Path.cwd()) / spec
+        if not path.is_file():
+            raise BaizeError(f"sdf_judge.prompt = {spec!r}: file not found")
+        text = path.read_text(encoding="utf-8")
+    missing = [p for p in ("{question}", "{answer}") if p not in text]
+    if missing:
+        raise BaizeError(f"sdf_judge.prompt = {spec!r}: the prompt lacks {' and '.join(missing)}")
+    return text
+
+
+def score_request(question: str, answer: str, *, template: str, model: str, max_tokens: int,
+                  constraint: str | None) -> ChatRequest:
+    """The judge call for one answer. `constraint`: "choices" (local: constrained decoding), "schema" (an
+    OpenAI-compatible server: `response_format`), or None (free text, parsed just as strictly)."""
+    prompt = template.replace("{question}", question).replace("{answer}", answer)
+    return ChatRequest(
+        messages=[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}],
+        model=model,
+        temperature=0.0,
+        top_p=1.0,
+        max_tokens=max_tokens,
+        response_format=SCORE_SCHEMA if constraint == "schema" else None,
+        choices=LOCAL_CHOICES if constraint == "choices" else None,
+    )
+
+
+@dataclass(frozen=True)
+class Score:
+    """A parsed judgment: `score` 1-100 and the rationale, or `score` None and the `failure` reason."""
+
+    score: int | None
+    rationale: str | None = None
+    failure: str | None = None
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.S)
+
+
+def parse_score(text: str, finish_reason: str | None = None) -> Score:
+    """Strict: the whole reply is one JSON object (a Markdown code fence around it is tolerated) with an integer
+    `score` from 1 to 100 and optionally a string `rationale`. Anything else is a failure with its reason; never a
+    default score."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1).strip()
+    cut = " (the reply was cut at max_tokens)" if finish_reason == "length" else ""
+    if not body:
+        return Score(None, failure=f"empty reply{cut}")
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as exc:
+        return Score(None, failure=f"not JSON: {exc.msg} at char {exc.pos}{cut}")
+    if not isinstance(obj, dict):
+        return Score(None, failure=f"not a JSON object: {type(obj).__name__}")
+    if "score" not in obj:
+        return Score(None, failure="no 'score' key")
+    score = obj["score"]
+    if isinstance(score, bool) or not isinstance(score, int):
+        return Score(None, failure=f"score is not an integer: {score!r}")
+    if not SCORE_MIN <= score <= SCORE_MAX:
+        return Score(None, failure=f"score {score} outside {SCORE_MIN}-{SCORE_MAX}")
+    rationale = obj.get("rationale")
+    if rationale is not None and not isinstance(rationale, str):
+        return Score(None, failure=f"rationale is not a string: {type(rationale).__name__}")
+    return Score(score, rationale)
+
+
+async def judge_answers(
+    backend: Backend,
+    journal: Journal,
+    items: list[dict[str, Any]],
+    *,
+    template: str,
+    model: str,
+    max_tokens: int,
+    constraint: str | None,
+    endpoint: str | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score every item (`question`, `answer`) once; returns one judgment per item, in order, and counters.
+
+    A judgment is `{"score", "rationale", "failure", "reply", "cached", "prompt_tokens", "completion_tokens"}`.
+    A backend that gives up on one answer (retries exhausted, unusable reply) makes that answer a failure; one
+    that can never succeed (bad key, bad request) stops the run (`PermanentError`).
+    """
+    stats = {"requests": 0, "cached": 0}
+
+    async def one(item: dict[str, Any]) -> dict[str, Any]:
+        request = score_request(item["question"], item["answer"], template=template, model=model,
+                                max_tokens=max_tokens, constraint=constraint)
+        try:
+            completion, cached = await complete_journaled(backend, journal, request, endpoint)
+        except PermanentError:
+            raise
+        except BackendError as exc:
+            return {"score": None, "rationale": None, "failure": f"{exc.reason}: {exc}", "reply": None,
+                    "cached": False, "prompt_tokens": 0, "completion_tokens": 0}
+        stats["cached" if cached else "requests"] += 1
+        parsed = parse_score(completion.text, completion.finish_reason)
+        return {"score": parsed.score, "rationale": parsed.rationale, "failure": parsed.failure,
+                "reply": completion.text, "cached": cached, "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens}
+
+    judged = await asyncio.gather(*(one(item) for item in items))
+    return list(judged), stats

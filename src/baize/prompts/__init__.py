@@ -3,6 +3,9 @@
 `questions.jsonl`: 80 questions written for this project in the spirit of the Vicuna-80 benchmark the paper
 used (not its text): 10 generic, 10 knowledge, 10 roleplay, 10 common-sense, 10 Fermi, 10 counterfactual,
 7 coding, 3 math, 10 writing. One JSON object per line: `{"id", "category", "text"}`.
+
+`sdf_judge_v1.txt`: the Baize v2 (SDF) judge prompt, one score from 1 to 100 per answer (`baize.judge`). A changed
+prompt is a new file (`sdf_judge_v2.txt`, ...), so a params value names exactly the text that judged a run.
 """
 
 from __future__ import annotations
@@ -19,3 +22,11 @@ def load_packaged(name: str = "vicuna80") -> list[dict[str, Any]]:
         raise KeyError(name)
     text = resources.files(__package__).joinpath(PACKAGED[name]).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_text(name: str) -> str:
+    """A packaged prompt text, `src/baize/prompts/<name>.txt`."""
+    path = resources.files(__package__).joinpath(f"{name}.txt")
+    if not name or "/" in name or not path.is_file():
+        raise KeyError(name)
+    return path.read_text(encoding="utf-8")
