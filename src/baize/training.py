@@ -23,6 +23,10 @@ The whole path, top to bottom (alpaca-lora's `finetune.py`, with what the CPU ta
 5. `save_adapter`: only the LoRA weights (safetensors), the tokenizer with its chat template and
    `baize_adapter.json` (MLflow run, base model sha256, params).
 
+Baize v2 (SDF) trains through the same path with `stack_on`: the first (v1.5) adapter is loaded frozen as
+`sft`, a new LoRA (`default`) is added, both are active (h = W0 x + B_sft A_sft x + B_sdf A_sdf x) and only the new
+one trains. The int8 base makes stacking the right choice: merging the first LoRA into int8 weights would round it.
+
 MLflow: when a run is active (the stage opens it), rank 0 logs per-step metrics into it; nothing here opens runs.
 """
 
@@ -190,9 +194,22 @@ def load_base_model(
     return model
 
 
-def add_lora(model, params: TrainParams):
-    """Rank-`lora_r` adapters on `target_modules`; everything else stays frozen."""
-    from peft import LoraConfig, get_peft_model
+STACK_NAME = "sft"
+"""PEFT adapter name (and subfolder of a saved stacked adapter) of the frozen first LoRA under an SDF one."""
+
+
+def activate_stack(model) -> None:
+    """Both LoRAs in the forward pass; only the new one (`default`) trainable."""
+    model.base_model.set_adapter(["default", STACK_NAME])  # marks both trainable...
+    model.set_requires_grad(STACK_NAME, requires_grad=False)  # ...so the first is frozen again
+
+
+def add_lora(model, params: TrainParams, stack_on: Path | None = None):
+    """Rank-`lora_r` adapters on `target_modules`; everything else stays frozen.
+
+    `stack_on`: an adapter folder loaded first, frozen, and kept active under the new LoRA (Baize v2).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in params.target_modules if m not in names]
@@ -206,7 +223,12 @@ def add_lora(model, params: TrainParams):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    if stack_on is None:
+        return get_peft_model(model, config)
+    model = PeftModel.from_pretrained(model, str(stack_on), adapter_name=STACK_NAME, is_trainable=False)
+    model.add_adapter("default", config)
+    activate_stack(model)
+    return model
 
 
 # --------------------------------------------------------------------------- trainer
@@ -245,12 +267,19 @@ class BaizeTrainer(Trainer):
 
     trained_tokens = 0  # label tokens this process trained on (not counting a resumed run's earlier part)
 
-    def __init__(self, *args, max_batch_tokens: int = 0, **kwargs):
+    def __init__(self, *args, max_batch_tokens: int = 0, stacked: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_batch_tokens = max_batch_tokens
+        self.stacked = stacked
         # compute_loss below normalizes by num_items_in_batch itself, whatever the model's forward accepts, so
         # the Trainer must always count it (chunks rely on it) and must not divide again by the accumulation.
         self.model_accepts_loss_kwargs = True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.stacked:
+            # The Trainer re-activates only the first active adapter after loading a multi-adapter checkpoint.
+            activate_stack(model if model is not None else self.model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         budget = 0 if self.is_deepspeed_enabled else self.max_batch_tokens  # DeepSpeed owns its backward passes
@@ -459,12 +488,21 @@ def load_tokenizer(data_dir: Path, model_dir: Path):
     return tokenizer
 
 
-def save_adapter(model, tokenizer, out_dir: Path, meta: dict[str, Any]) -> None:
-    """Adapter weights (safetensors) + tokenizer + baize_adapter.json, swapped in atomically."""
+def save_adapter(model, tokenizer, out_dir: Path, meta: dict[str, Any], stack_on: Path | None = None) -> None:
+    """Adapter weights (safetensors) + tokenizer + baize_adapter.json, swapped in atomically.
+
+    `stack_on`: the trained adapter is the second of a stack; the frozen first one is copied whole (its files,
+    provenance included) into the subfolder `sft/` and `baize_adapter.json` names it (`stacked_on`), so the folder
+    is self-contained: `baize.inference.load_model` loads both.
+    """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)  # PEFT: only the LoRA weights
+    # PEFT: only the LoRA weights (of the new adapter, when stacked)
+    model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
+    if stack_on is not None:
+        shutil.copytree(stack_on, tmp / STACK_NAME)
+        meta = {**meta, "stacked_on": STACK_NAME}
     tokenizer.save_pretrained(str(tmp))
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -494,15 +532,22 @@ def train(
     model_dir: str | os.PathLike,
     checkpoints_dir: str | os.PathLike,
     callbacks: list[TrainerCallback] | None = None,
+    stack_on: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train the adapter; resume from the last complete checkpoint of the same params+data+base, if any.
 
+    `stack_on`: train a second LoRA on top of this frozen adapter folder (Baize v2, see `add_lora`).
     Returns the metrics (on every process) and the trained PEFT model; the caller saves it (rank 0).
     """
     data_dir, model_dir, checkpoints_dir = Path(data_dir), Path(model_dir), Path(checkpoints_dir)
     started = time.perf_counter()
     train_ds, val_ds = load_splits(data_dir)
     digests = {"train": data_digest(data_dir, "train"), "val": data_digest(data_dir, "val")}
+    if stack_on is not None:
+        from baize.inference import adapter_sha256, check_adapter_dir
+
+        stack_on = check_adapter_dir(Path(stack_on))
+        digests["stack_on"] = adapter_sha256(stack_on)  # another first adapter: another run
     base_sha = base_model_sha256(model_dir)
     fingerprint = run_fingerprint(params, digests, base_sha)
     run_dir = checkpoints_dir / fingerprint
@@ -515,7 +560,9 @@ def train(
     tokenizer = load_tokenizer(data_dir, model_dir)
     torch.manual_seed(params.seed)
     mixed = resolve_mixed_precision(params.mixed_precision)
-    model = add_lora(load_base_model(model_dir, params.precision, params.gradient_checkpointing, mixed), params)
+    model = add_lora(
+        load_base_model(model_dir, params.precision, params.gradient_checkpointing, mixed), params, stack_on
+    )
     mlflow_steps = MlflowSteps()
     trainer = BaizeTrainer(
         model=model,
@@ -525,12 +572,13 @@ def train(
         data_collator=PadCollator(tokenizer.pad_token_id),
         callbacks=[mlflow_steps, *(callbacks or [])],
         max_batch_tokens=params.max_batch_tokens,
+        stacked=stack_on is not None,
     )
 
     base_eval: dict[str, float] = {}
     if val_ds is not None and resume is None:
-        # LoRA's B matrices start at zero, so the untrained adapter *is* the base model: its val loss is the
-        # number to beat. (Skipped on resume: the adapter is no longer the base.)
+        # LoRA's B matrices start at zero, so the untrained adapter *is* the base model (the v1.5 model when
+        # stacked): its val loss is the number to beat. (Skipped on resume: the adapter is no longer the base.)
         base_eval = trainer.evaluate(metric_key_prefix="base_eval")
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = trainer.evaluate() if val_ds is not None else {}
