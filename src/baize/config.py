@@ -407,6 +407,98 @@ class EvaluateParams(Section):
     """Examples per lm-eval task; null: all."""
 
 
+class SdfSampleParams(Section):
+    """`sdf_sample`: Baize v2 (self-distillation with feedback), step 1: the v1.5 model (base + the `train` stage's
+    adapter) samples `num_samples` answers to each SDF prompt with Baize's inference prompt and sampling."""
+
+    prompts: list[SeedSource] = Field(default_factory=lambda: [SeedSource()], min_length=1)
+    """Where SDF prompts come from: the same kinds of sources as `seed.sources` (the paper: Quora questions,
+    `{type: hf, name: quora}`). Every question the first adapter could have seen (data/seeds/seeds.jsonl and every
+    human turn of the validated transcripts) and its near duplicates are excluded, so no prompt overlaps the
+    train split."""
+    num_prompts: int = Field(16, ge=1)
+    """Prompts to sample (fewer available after the exclusion: a warning, all there are are used)."""
+    random_seed: int = 7
+    """Sampling key of the prompt choice (as `seed.random_seed`); the same value picks the same prompts."""
+    num_samples: int = Field(4, ge=1, le=64)
+    """Answers per prompt (the paper: 4); the best-scored one trains the second LoRA."""
+    backend: Literal["local", "openai"] = "local"
+    """`local`: models/base + models/adapter in-process (the adapter merged in float32), continuous batching;
+    `openai`: any OpenAI-compatible server at `base_url` serving the v1.5 model (e.g. `baize export` behind vLLM or
+    `transformers serve`), asked through the Completions API with the raw Baize prompt."""
+    model: str | None = None
+    """openai backend: the served model's name (required there)."""
+    base_url: str | None = None
+    """openai backend: the server, e.g. http://127.0.0.1:8000/v1 (key from OPENAI_API_KEY only, if needed)."""
+    temperature: float = Field(1.0, ge=0, le=2)
+    """Baize's sampling: temperature 1, top-p 0.95, stop at [|Human|] / [|AI|]."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(192, ge=1)
+    """Per answer; an answer cut here is kept (the judge sees it) but trained without its stop marker."""
+    max_context_tokens: int = Field(2048, ge=64)
+    batch_size: int = Field(16, ge=1)
+    """local backend: sequences decoded together."""
+    local_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """local backend: compute dtype (see `selfchat.local_dtype`)."""
+    seed: int = 0
+    """Sampling seed mixed into every request (sample i of a prompt also gets its own seed i)."""
+    concurrency: int = Field(16, ge=1)
+    """openai backend: requests in flight."""
+    requests_per_minute: int = Field(3000, ge=1)
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(8, ge=0)
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "SdfSampleParams":
+        if self.backend == "openai" and not (self.model and self.base_url):
+            raise ValueError("sdf_sample.backend openai needs `model` and `base_url` (a server with the v1.5 model)")
+        return self
+
+
+class SdfJudgeParams(Section):
+    """`sdf_judge`: Baize v2, step 2: a judge scores every sampled answer from 1 to 100 (helpfulness, relevance,
+    accuracy, level of detail); the best-scored answer per prompt is kept (ties: the earlier sample)."""
+
+    backend: Literal["local", "openai"] = "local"
+    """`local`: models/base in-process, decoding constrained to `{"score": N}` (a 135M judge is noisy, but always
+    parseable); `openai`: the API or any OpenAI-compatible `base_url`, asked for a JSON schema (`response_format`)."""
+    model: str | None = None
+    """openai backend: e.g. gpt-4o-mini or gpt-3.5-turbo (required there)."""
+    base_url: str | None = None
+    """Any OpenAI-compatible server; None: api.openai.com (key from OPENAI_API_KEY only)."""
+    prompt: str = "packaged:sdf_judge_v1"
+    """The judge prompt: `packaged:<name>` (src/baize/prompts/<name>.txt) or a text file with `{question}` and
+    `{answer}`. Its text is part of every judgment's journal key: a new prompt re-judges."""
+    structured: bool = True
+    """openai backend: send the JSON schema as `response_format` (turn off for servers without structured output;
+    the reply is then parsed just as strictly)."""
+    max_tokens: int = Field(16, ge=1)
+    """Reply budget: a `{"score": N}` is 6-8 tokens; give the openai judge room for its rationale (e.g. 128)."""
+    batch_size: int = Field(16, ge=1)
+    """local backend: sequences decoded together."""
+    local_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    concurrency: int = Field(16, ge=1)
+    requests_per_minute: int = Field(3000, ge=1)
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(8, ge=0)
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """USD per million tokens by model name, for the cost metric."""
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "SdfJudgeParams":
+        if self.backend == "openai" and not self.model:
+            raise ValueError("sdf_judge.model is required for backend 'openai' (e.g. gpt-4o-mini)")
+        return self
+
+
+class SdfTrainParams(TrainParams):
+    """`sdf_train`: Baize v2, step 3: a new LoRA stacked on the frozen `train` adapter, trained on the best answers
+    with the AI-only loss (same keys as `train`, same trainer; plus `max_length` of the training text)."""
+
+    max_length: int = Field(1024, ge=16)
+    """Tokens per best-answer sample (Baize v2: 1024); longer ones are cut after their answer or dropped."""
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelParams,
     "tracking": TrackingParams,
@@ -416,6 +508,9 @@ SECTIONS: dict[str, type[Section]] = {
     "tokenize": TokenizeParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "sdf_sample": SdfSampleParams,
+    "sdf_judge": SdfJudgeParams,
+    "sdf_train": SdfTrainParams,
 }
 
 

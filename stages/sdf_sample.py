@@ -1,0 +1,134 @@
+"""Stage `sdf_sample` (Baize v2, step 1): N answers per SDF prompt from the v1.5 model (base + models/adapter).
+
+    python -m stages.sdf_sample --model models/base --adapter models/adapter --out data/sdf
+
+Writes <out>/prompts.jsonl (the questions: none the first adapter saw), <out>/samples.jsonl (one record per answer,
+prompt order then sample index), reports/sdf_sample/metrics.json and one MLflow run tagged with the training run
+of the adapter (`baize.train_run_id`). Every answer is journaled in <out>/sample_journal.jsonl (a `persist` out):
+after a kill -9, or on a re-run, nothing already sampled is sampled again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import click
+
+from baize import inference, sdf
+from baize.errors import BaizeError
+from baize.selfchat.journal import Journal
+from stages import _common
+
+_PATH = click.Path(path_type=Path)
+
+
+def train_run_id(adapter_dir: Path) -> str | None:
+    """The MLflow run that trained the adapter (its baize_adapter.json), to link the SDF runs to it."""
+    import json
+
+    meta = adapter_dir / inference.ADAPTER_META
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("mlflow_run_id") if meta.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        raise BaizeError(f"{meta}: not a JSON object") from None
+
+
+def local_model_id(model_dir: Path, adapter_dir: Path, dtype: str) -> str:
+    """What the journal keys name as the sampling model: base weights, adapter weights and compute dtype."""
+    from baize.selfchat.local_backend import resolve_dtype
+    from baize.training import base_model_sha256
+
+    return (f"local:{base_model_sha256(model_dir)[:16]}+lora:{inference.adapter_sha256(adapter_dir)[:16]}"
+            f":{resolve_dtype(dtype)}")
+
+
+def make_backend(params, model_dir: Path, adapter_dir: Path):
+    if params.backend == "openai":
+        from baize.selfchat.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(base_url=params.base_url, concurrency=params.concurrency,
+                             requests_per_minute=params.requests_per_minute, timeout_s=params.timeout_s,
+                             max_retries=params.max_retries)
+    from baize.selfchat.local_backend import LocalBackend
+
+    return LocalBackend(model_dir, adapter=adapter_dir, batch_size=params.batch_size, dtype=params.local_dtype)
+
+
+async def _sample(params, backend, journal_path: Path, requests, endpoint):
+    done = 0
+
+    def progress() -> None:
+        nonlocal done
+        done += 1
+        if done % max(1, len(requests) // 10) == 0 or done == len(requests):
+            click.echo(f"sdf_sample: {done}/{len(requests)} answers", err=True)
+
+    try:
+        with Journal(journal_path) as journal:
+            return await sdf.sample_answers(backend, journal, requests, endpoint=endpoint, progress=progress)
+    finally:
+        close = getattr(backend, "aclose", None)
+        if close is not None:
+            await close()
+
+
+@click.command()
+@click.option("--model", "model_dir", default="models/base", show_default=True, type=_PATH)
+@click.option("--adapter", "adapter_dir", default="models/adapter", show_default=True, type=_PATH)
+@click.option("--seeds", "seeds_path", default="data/seeds/seeds.jsonl", show_default=True, type=_PATH)
+@click.option("--transcripts", "transcripts_path", default="data/validated/transcripts.jsonl", show_default=True,
+              type=_PATH, help="The first adapter's accepted transcripts: their questions are never SDF prompts.")
+@click.option("--out", "out_dir", default="data/sdf", show_default=True, type=_PATH)
+@click.option("--metrics", "metrics_path", default="reports/sdf_sample/metrics.json", show_default=True, type=_PATH)
+@_common.entrypoint
+def main(model_dir: Path, adapter_dir: Path, seeds_path: Path, transcripts_path: Path, out_dir: Path,
+         metrics_path: Path) -> None:
+    params, tracking = _common.load("sdf_sample", "tracking")
+    started = time.perf_counter()
+    inference.check_adapter_dir(adapter_dir)
+    seen = sdf.seen_questions(seeds_path, transcripts_path)
+    prompts, prompt_metrics = sdf.choose_prompts(params, seen)
+    if not prompts:
+        raise BaizeError("sdf_sample: no prompt left after excluding the first adapter's questions; add sources to "
+                         "sdf_sample.prompts")
+    if len(prompts) < params.num_prompts:
+        click.echo(f"warning: sdf_sample.num_prompts is {params.num_prompts} but only {len(prompts)} unseen prompts "
+                   "are available; using them all", err=True)
+    tokenizer = inference.load_tokenizer(model_dir)
+    if params.backend == "local":
+        model_id, endpoint = local_model_id(model_dir, adapter_dir, params.local_dtype), None
+    else:
+        model_id, endpoint = params.model, params.base_url
+    requests = sdf.sample_requests(prompts, params, model=model_id, tokenizer=tokenizer)
+    backend = make_backend(params, model_dir, adapter_dir)
+    samples = asyncio.run(_sample(params, backend, out_dir / "sample_journal.jsonl", requests, endpoint))
+
+    metrics = {"prompts": prompt_metrics, **sdf.sample_metrics(samples), "model": model_id,
+               "wall_s": round(time.perf_counter() - started, 1)}
+    sdf.write_jsonl(out_dir / "prompts.jsonl", prompts)
+    sdf.write_jsonl(out_dir / "samples.jsonl", samples)
+    _common.write_json(metrics_path, metrics)
+    with _common.mlflow_run("sdf_sample", tracking, ("sdf_sample",)) as run:
+        import mlflow
+
+        from baize.evaluation import flat_table
+        from baize.tracking import log_metrics
+
+        train_run = train_run_id(adapter_dir)
+        mlflow.set_tags({"baize.train_run_id": train_run} if train_run else {})
+        log_metrics(metrics)
+        mlflow.log_table(data=flat_table(samples), artifact_file="sdf/samples.json")
+        if tracking.log_artifacts:
+            mlflow.log_artifact(str(metrics_path))
+    failed = f", {metrics['failed']} failed" if metrics["failed"] else ""
+    click.echo(
+        f"{out_dir}/samples.jsonl: {metrics['samples']} answers to {len(prompts)} prompts ({metrics['sampled_now']} "
+        f"sampled now, {metrics['from_journal']} from the journal{failed}), stop rate {metrics['stop_rate'] or 0:.2f}, "
+        f"{metrics['wall_s']} s (mlflow run {run.info.run_id})"
+    )
+
+
+if __name__ == "__main__":
+    main()
