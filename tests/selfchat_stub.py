@@ -3,7 +3,9 @@
 It answers Chat Completions with a deterministic self-chat reply and can misbehave on demand: latency, a
 requests-per-minute limit answered with 429 + Retry-After, scripted 429/500/hang/malformed/401/400 replies.
 It counts requests per request key (a hash of the body), so tests can prove nothing was requested twice.
-It also implements the four Batch API calls the `openai-batch` backend uses (files, batches).
+It also implements the four Batch API calls the `openai-batch` backend uses (files, batches), the Completions call
+(raw prompts), and can answer with any text (`reply`: e.g. a judge's JSON, or a broken one); every request body is
+kept in `bodies`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def reply_text(body: dict, human_rounds: int = 2) -> str:
 
 
 class StubState:
-    def __init__(self, latency_s: float, rpm_limit: int | None, script, human_rounds: int, hang_s: float):
+    def __init__(self, latency_s: float, rpm_limit: int | None, script, human_rounds: int, hang_s: float,
+                 reply=None):
+        self.reply = reply
+        self.bodies: list[dict] = []
         self.latency_s = latency_s
         self.rpm_limit = rpm_limit
         self.script = script
@@ -149,13 +154,14 @@ class Handler(BaseHTTPRequestHandler):
                 "output_file_id": None, "error_file_id": None,
             }
             return self._send(200, st.batches[bid])
-        if self.path != "/v1/chat/completions":
+        if self.path not in ("/v1/chat/completions", "/v1/completions"):
             return self._error(404, f"no route {self.path}")
         body = json.loads(raw)
-        key = body_key(body)
+        key = body_key({**body, "messages": body.get("messages", body.get("prompt"))})
         with st.lock:
             st.counts[key] += 1
             n = st.counts[key]
+            st.bodies.append(body)
         if st.latency_s:
             time.sleep(st.latency_s)
         wait = st.take_rate_token()
@@ -184,7 +190,13 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.ok_counts[key] += 1
         finish = "length" if action == "length" else "stop"
-        return self._send(200, _completion(body, reply_text(body, st.human_rounds), finish))
+        text = st.reply(body) if st.reply else reply_text(body, st.human_rounds)
+        if self.path == "/v1/completions":
+            out = _completion({"messages": [{"content": body["prompt"]}], **body}, text, finish)
+            out["object"] = "text_completion"
+            out["choices"] = [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
+            return self._send(200, out)
+        return self._send(200, _completion(body, text, finish))
 
     def _upload(self, raw: bytes) -> None:
         msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(
@@ -229,8 +241,9 @@ class StubServer:
         script: Callable[[dict, int], str] | None = None,
         human_rounds: int = 2,
         hang_s: float = 30.0,
+        reply: Callable[[dict], str] | None = None,
     ):
-        self.state = StubState(latency_s, rpm_limit, script, human_rounds, hang_s)
+        self.state = StubState(latency_s, rpm_limit, script, human_rounds, hang_s, reply)
         handler = type("BoundHandler", (Handler,), {"state": self.state})
         self.httpd = _Server(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
