@@ -1,8 +1,14 @@
-"""Stage `evaluate`: base vs base + adapter on the validation split and a fixed prompt set, in one run.
+"""Stage `evaluate`: base vs base + adapter (v1.5) and, when the SDF adapter exists, Baize v2, on the validation split
+and a fixed prompt set, in one run on one loaded model.
 
-Outputs: reports/eval/samples.jsonl (one row per prompt with both answers), reports/eval/metrics.json (for
-`dvc metrics show/diff`), and one MLflow run with the metrics and the samples as a table, tagged with the
-run that trained the adapter (`baize.train_run_id`, read from models/adapter/baize_adapter.json).
+Outputs: reports/eval/samples.jsonl (one row per prompt with every model's answer), reports/eval/metrics.json (the
+headline figures, for `dvc metrics show/diff`), reports/eval/details.json (the judge's per-category scores and
+every judgment), reports/eval/report.md (one table per comparison), and one MLflow run with the metrics and the
+samples and judgments as tables, tagged with the run that trained the adapter (`baize.train_run_id`, read from
+models/adapter/baize_adapter.json) and, with v2, the SDF training run (`baize.sdf_train_run_id`).
+
+Models: `base` (adapters off, Baize's prompt), `base_chat` (the base with its own chat template), `adapter` (v1.5)
+and `v2` (the stacked SDF adapter). Every model answers the same prompts with the same sampling seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ def _train_run_id(adapter_dir: Path) -> str | None:
         raise BaizeError(f"{meta}: not a JSON object") from None
 
 
-def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict]) -> tuple[list[dict], dict]:
+def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict], models: list[str],
+           pairs: list[tuple[str, str]]) -> dict:
+    """The paper's protocol for every model (reference first, both scored 1-10, relative score, per category) and
+    the pairwise comparisons, each pair judged in both orders; one backend, one journal."""
     from baize import judge
     from baize.selfchat.journal import Journal
 
@@ -46,16 +55,83 @@ def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict]) -> tuple[li
         from baize.selfchat.openai_backend import OpenAIBackend
 
         backend = OpenAIBackend(base_url=jp.base_url, concurrency=jp.concurrency)
+
+    async def everything() -> dict:
+        out: dict = {"single": {}, "pairwise": {}}
+        for name in models:
+            judged, summary = await judge.judge_rows(backend, journal, rows, model=jp.model, reference=jp.reference,
+                                                     answer_key=name, max_tokens=jp.max_tokens)
+            out["single"][name] = {"summary": summary, "by_category": _by_category(rows, judged), "rows": judged}
+        for a, b in pairs:
+            results, summary = await judge.pairwise(backend, journal, rows, a, b, model=jp.model,
+                                                    max_tokens=jp.max_tokens)
+            out["pairwise"][f"{a}_vs_{b}"] = {"summary": summary, "rows": results}
+        return out
+
     try:
         with Journal(jp.cache) as journal:
-            return asyncio.run(
-                judge.judge_rows(backend, journal, rows, model=jp.model, reference=jp.reference,
-                                 max_tokens=jp.max_tokens)
-            )
+            return asyncio.run(everything())
     finally:
         close = getattr(backend, "close", None)
         if close:
             close()
+
+
+def _by_category(rows: list[dict], judged: list[dict]) -> dict[str, float | None]:
+    """The relative score (model total / reference total, %) per question category."""
+    totals: dict[str, list[float]] = {}
+    for row, j in zip(rows, judged, strict=True):
+        if j["reference_score"] is not None:
+            t = totals.setdefault(row.get("category") or "none", [0.0, 0.0])
+            t[0] += j["answer_score"]
+            t[1] += j["reference_score"]
+    return {cat: round(100.0 * a / r, 1) if r else None for cat, (a, r) in sorted(totals.items())}
+
+
+def _report(metrics: dict, models: list[str]) -> str:
+    """reports/eval/report.md: one table per comparison."""
+    names = {"base": "base (Baize prompt)", "base_chat": "base (own chat template)", "adapter": "v1.5", "v2": "v2"}
+    ppl = metrics["perplexity"]
+    lines = ["# Evaluation", "", "## Perplexity (AI-turn tokens; lower is better)", "",
+             "| model | val split | SDF best answers |", "| --- | ---: | ---: |"]
+    sdf_best = metrics.get("perplexity_sdf_best") or {}
+    for name in [m for m in models if m != "base_chat"]:
+        best = sdf_best.get(name)
+        lines.append(f"| {names[name]} | {ppl[name]:.3f} | {f'{best:.3f}' if best is not None else '-'} |")
+    lines += ["", "## Answers (same prompts, same sampling seeds)", "",
+              "| model | stop by itself | role leak | empty | mean tokens |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in models:
+        g = metrics["generation"][name]
+        lines.append(f"| {names[name]} | {g['stop_rate']:.2f} | {g['role_leak_rate']:.2f} | {g['empty_rate']:.2f} | "
+                     f"{g['mean_tokens']:.1f} |")
+    if "judge" in metrics:
+        lines += ["", "## Judge: score relative to the reference (the paper's protocol)", "",
+                  "| model | relative score % | mean score (1-10) | judged | unparsed |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for name, j in metrics["judge"].items():
+            rel = j["relative_score_pct"]
+            mean = j["answer_mean"]
+            lines.append(f"| {names[name]} | {f'{rel:.1f}' if rel is not None else '-'} | "
+                         f"{f'{mean:.2f}' if mean is not None else '-'} | {j['judged']} | {j['unparsed']} |")
+    if metrics.get("pairwise"):
+        lines += ["", "## Pairwise (each pair judged in both orders; order-inconsistent = tie)", "",
+                  "| comparison | win | tie | loss | inconsistent share | unparsed |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for key, p in metrics["pairwise"].items():
+            a, b = key.split("_vs_")
+            share = p["inconsistent_share"]
+            lines.append(f"| {names[a]} vs {names[b]} | {p['win']} | {p['tie']} | {p['loss']} | "
+                         f"{f'{share:.2f}' if share is not None else '-'} | {p['unparsed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_stack(adapter_v2: Path, adapter_dir: Path) -> None:
+    """v2 must stack on the v1.5 adapter being evaluated, or "v1.5" and "v2" would be two unrelated models."""
+    first = inference.stacked_on(inference.check_adapter_dir(adapter_v2))
+    if first is None:
+        raise BaizeError(f"{adapter_v2}: not a stacked SDF adapter (no stacked_on in baize_adapter.json)")
+    mine = (adapter_v2 / first / "adapter_model.safetensors").read_bytes()
+    if mine != (adapter_dir / "adapter_model.safetensors").read_bytes():
+        raise BaizeError(f"{adapter_v2} was trained on another v1.5 adapter than {adapter_dir}; re-run sdf_train")
 
 
 def _data_summary(data_dir: Path) -> dict:
@@ -78,41 +154,64 @@ def _data_summary(data_dir: Path) -> dict:
 @click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", default="data/tokenized", show_default=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", default="reports/eval", show_default=True, type=click.Path(path_type=Path))
+@click.option("--adapter-v2", "adapter_v2", default=None, type=click.Path(path_type=Path),
+              help="The stacked SDF (Baize v2) adapter: compared with base and v1.5 when the folder exists.")
+@click.option("--sdf-data", "sdf_data", default=None, type=click.Path(path_type=Path),
+              help="The sdf_train stage's tokenized best answers (data/sdf/tokenized): perplexity on them too.")
 @_common.entrypoint
-def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
+def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v2: Path | None,
+         sdf_data: Path | None) -> None:
     params, tracking = _common.load("evaluate", "tracking")
     started = time.perf_counter()
     adapter_dir = inference.resolve_adapter(adapter)
+    use_v2 = adapter_v2 is not None and adapter_v2.is_dir()
+    if use_v2:
+        _check_stack(adapter_v2, adapter_dir)
     val = evaluation.load_split(data_dir / "val")
-    model, tokenizer = inference.load_model(model_dir, adapter_dir, dtype=params.dtype)
+    model, tokenizer = inference.load_model(model_dir, adapter_v2 if use_v2 else adapter_dir, dtype=params.dtype)
+    models = ["base", "adapter", *(["v2"] if use_v2 else [])]
 
     n_ppl = len(val) if params.max_ppl_samples is None else min(len(val), params.max_ppl_samples)
     rows = [val[i] for i in range(n_ppl)]
-    click.echo(f"evaluate: perplexity on {n_ppl} validation transcripts (base, then adapter)", err=True)
+    click.echo(f"evaluate: perplexity on {n_ppl} validation transcripts ({', '.join(models)})", err=True)
     ppl = evaluation.compare_perplexity(model, rows, batch_size=params.ppl_batch_size,
                                         pad_token_id=tokenizer.pad_token_id)
+    ppl_sdf = None
+    if use_v2 and sdf_data is not None and (sdf_data / "train").is_dir():
+        best = evaluation.load_split(sdf_data / "train")
+        each = evaluation.perplexities(model, [best[i] for i in range(len(best))], models,
+                                       batch_size=params.ppl_batch_size, pad_token_id=tokenizer.pad_token_id)
+        ppl_sdf = {name: r["perplexity"] for name, r in each.items()}
 
     prompts = evaluation.load_prompts(params.prompts, params.num_prompts)
     prompts += evaluation.heldout_prompts(val, tokenizer, params.heldout_prompts)
-    click.echo(f"evaluate: {len(prompts)} prompts x 2 models, up to {params.max_new_tokens} new tokens", err=True)
+    which = ["base", "base_chat", *models[1:]]
+    click.echo(f"evaluate: {len(prompts)} prompts x {len(which)} models, up to {params.max_new_tokens} new tokens",
+               err=True)
     answers = evaluation.generate_answers(
-        model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+        model, tokenizer, prompts, which=which, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
         top_p=params.top_p, batch_size=params.batch_size, seed=params.seed,
-        max_context_tokens=params.max_context_tokens,
+        max_context_tokens=params.max_context_tokens, chat_tokenizer=inference.load_tokenizer(model_dir),
     )
     samples = evaluation.sample_rows(prompts, answers)
     metrics: dict = {
         "data": _data_summary(data_dir),
         "perplexity": ppl,
+        **({"perplexity_sdf_best": ppl_sdf} if ppl_sdf else {}),
         "generation": {name: evaluation.format_metrics(gens) for name, gens in answers.items()},
     }
     del model  # the judge's local backend and lm-eval load their own copies
 
+    details: dict = {}
     if params.judge.enabled:
-        judged, summary = _judge(params, model_dir, samples)
-        for row, j in zip(samples, judged, strict=True):
-            row["judge"] = {k: v for k, v in j.items() if k != "id"}
-        metrics["judge"] = summary
+        pairs = [("v2", "adapter"), ("adapter", "base")] if use_v2 else [("adapter", "base")]
+        details = _judge(params, model_dir, samples, which, pairs)
+        keep = ("judged", "unparsed", "answer_mean", "reference_mean", "relative_score_pct")
+        metrics["judge"] = {name: {k: j["summary"][k] for k in keep} for name, j in details["single"].items()}
+        metrics["pairwise"] = {
+            key: {k: p["summary"][k] for k in ("win", "tie", "loss", "win_rate", "inconsistent_share", "unparsed")}
+            for key, p in details["pairwise"].items()
+        }
     if params.lm_eval_tasks:
         metrics["lm_eval"] = evaluation.run_lm_eval(model_dir, adapter_dir, params.lm_eval_tasks, params.lm_eval_limit)
     metrics["wall_s"] = round(time.perf_counter() - started, 1)
@@ -120,6 +219,12 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
     _common.write_json(out_dir / "metrics.json", metrics)
+    _common.write_json(out_dir / "details.json", {
+        "by_category": {name: j["by_category"] for name, j in details.get("single", {}).items()},
+        "judgments": {name: j["rows"] for name, j in details.get("single", {}).items()},
+        "pairwise": {key: p["rows"] for key, p in details.get("pairwise", {}).items()},
+    })
+    atomic_write_text(out_dir / "report.md", _report(metrics, which))
 
     train_run = _train_run_id(adapter_dir)
     with _common.mlflow_run("evaluate", tracking, ("evaluate",)) as run:
@@ -130,16 +235,26 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
         tags = {"baize.adapter": str(adapter)}
         if train_run:
             tags["baize.train_run_id"] = train_run  # the link from this evaluation to the run that trained it
+        if use_v2 and _train_run_id(adapter_v2):
+            tags["baize.sdf_train_run_id"] = _train_run_id(adapter_v2)
         mlflow.set_tags(tags)
         log_metrics(metrics)
         mlflow.log_table(data=evaluation.flat_table(samples), artifact_file="eval/samples.json")
+        for name, j in details.get("single", {}).items():
+            mlflow.log_table(data=evaluation.flat_table(j["rows"]), artifact_file=f"eval/judge_{name}.json")
+        for key, p in details.get("pairwise", {}).items():
+            mlflow.log_table(data=evaluation.flat_table(p["rows"]), artifact_file=f"eval/pairwise_{key}.json")
+        mlflow.log_text(_report(metrics, which), "eval/report.md")
         if tracking.log_artifacts:
             mlflow.log_artifact(str(out_dir / "metrics.json"), artifact_path="eval")
         click.echo(
             f"reports/eval: perplexity base {ppl['base']:.3f} -> adapter {ppl['adapter']:.3f} "
             f"({ppl['drop_pct']:.1f}% lower) over {ppl['tokens']} AI-turn tokens; "
             f"stop rate base {metrics['generation']['base']['stop_rate']:.2f}, "
-            f"adapter {metrics['generation']['adapter']['stop_rate']:.2f} (mlflow run {run.info.run_id})"
+            f"adapter {metrics['generation']['adapter']['stop_rate']:.2f}"
+            + (f"; v2 perplexity {ppl['v2']:.3f}, stop rate {metrics['generation']['v2']['stop_rate']:.2f}"
+               if use_v2 else "")
+            + f" (mlflow run {run.info.run_id})"
         )
 
 

@@ -9,6 +9,11 @@
   from the base and from base + adapter with the same seeds, and format metrics on them.
 - Optional: an LLM judge (`baize.judge`) and lm-evaluation-harness tasks (`run_lm_eval`).
 
+With a stacked Baize v2 (SDF) adapter loaded, the same weights in memory give every model of the comparison
+(`variant`): `base` (adapters off), `adapter` (v1.5: the first LoRA alone), `v2` (both LoRAs), and `base_chat`
+(the base with its own chat template instead of Baize's prompt: its best use, so the comparison is not against a
+strawman).
+
 Knows nothing about DVC or MLflow; `stages/evaluate.py` writes the files and logs the run.
 """
 
@@ -93,11 +98,50 @@ def base_model_context(model):
     return contextlib.nullcontext()
 
 
+def is_stacked(model) -> bool:
+    """A PeftModel holding a Baize v2 stack (the v1.5 LoRA as `sft` under the SDF LoRA)."""
+    return inference.STACK_NAME in getattr(model, "peft_config", {})
+
+
+@contextlib.contextmanager
+def variant(model, name: str):
+    """`with variant(model, name):` runs that model: `base`/`base_chat` (adapters off), `adapter` (v1.5: the first
+    LoRA of a stack alone, or the only one), `v2` (both LoRAs of a stack)."""
+    STACK_NAME = inference.STACK_NAME
+    if name in ("base", "base_chat"):
+        with base_model_context(model):
+            yield
+    elif name == "adapter" and is_stacked(model):
+        inference.set_active(model, [STACK_NAME])
+        try:
+            yield
+        finally:
+            inference.set_active(model, ["default", STACK_NAME])
+    elif name == "adapter" or (name == "v2" and is_stacked(model)):
+        yield
+    else:
+        raise BaizeError(f"no model {name!r} in this evaluation")
+
+
+def perplexities(model, rows: Sequence[dict[str, Any]], names: Sequence[str], *, batch_size: int = 4,
+                 pad_token_id: int = 0) -> dict[str, dict]:
+    """`perplexity` of each named variant on the same rows."""
+    out = {}
+    for name in names:
+        with variant(model, name):
+            out[name] = perplexity(model, rows, batch_size=batch_size, pad_token_id=pad_token_id)
+    return out
+
+
 def compare_perplexity(model, rows: Sequence[dict[str, Any]], *, batch_size: int = 4, pad_token_id: int = 0) -> dict:
     """Base (adapter disabled) and adapter perplexity on the same rows, plus the drop (base - adapter)."""
-    with base_model_context(model):
-        base = perplexity(model, rows, batch_size=batch_size, pad_token_id=pad_token_id)
-    adapter = perplexity(model, rows, batch_size=batch_size, pad_token_id=pad_token_id)
+    names = ["base", "adapter", *(["v2"] if is_stacked(model) else [])]
+    each = perplexities(model, rows, names, batch_size=batch_size, pad_token_id=pad_token_id)
+    base, adapter = each["base"], each["adapter"]
+    extra = {}
+    if "v2" in each:  # Baize v2 beside v1.5: lower is better, the drop is v2's gain over v1.5
+        extra = {"v2": each["v2"]["perplexity"], "v2_loss": each["v2"]["loss"],
+                 "v2_drop_pct": 100.0 * (adapter["perplexity"] - each["v2"]["perplexity"]) / adapter["perplexity"]}
     return {
         "base": base["perplexity"],
         "adapter": adapter["perplexity"],
@@ -107,6 +151,7 @@ def compare_perplexity(model, rows: Sequence[dict[str, Any]], *, batch_size: int
         "adapter_loss": adapter["loss"],
         "tokens": adapter["tokens"],
         "samples": adapter["samples"],
+        **extra,
     }
 
 
@@ -191,15 +236,20 @@ def heldout_prompts(rows: Sequence[dict[str, Any]], tokenizer, num: int) -> list
 
 def generate_answers(model, tokenizer, prompts: Sequence[dict[str, Any]], *, which: Sequence[str] = ("base", "adapter"),
                      max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
-                     max_context_tokens: int, progress: Any = None) -> dict[str, list[inference.Generation]]:
-    """Answers from the base (adapter off) and from base + adapter, same prompts, same seeds."""
+                     max_context_tokens: int, progress: Any = None,
+                     chat_tokenizer: Any = None) -> dict[str, list[inference.Generation]]:
+    """Answers of each variant (`variant`), same prompts, same seeds: Baize's inference prompt, except `base_chat`,
+    which is asked through `chat_tokenizer`'s own chat template (the base model's)."""
     texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens) for p in prompts]
     out = {}
     for name in which:
-        ctx = base_model_context(model) if name == "base" else contextlib.nullcontext()
-        with ctx:
+        prompts_of = texts
+        if name == "base_chat":
+            prompts_of = [chat_tokenizer.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False,
+                                                             add_generation_prompt=True) for p in prompts]
+        with variant(model, name):
             out[name] = inference.generate(
-                model, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                model, tokenizer, prompts_of, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 batch_size=batch_size, seed=seed, progress=progress,
             )
     return out

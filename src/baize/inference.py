@@ -178,6 +178,8 @@ def load_tokenizer(base: Path, adapter: Path | None = None):
 
 
 ADAPTER_META = "baize_adapter.json"
+STACK_NAME = "sft"
+"""PEFT adapter name, and subfolder of a saved stacked adapter, of the frozen first LoRA under an SDF one."""
 STACKED_ON = "stacked_on"
 """Key of baize_adapter.json naming the subfolder that holds the frozen first adapter of a stacked (Baize v2) one."""
 

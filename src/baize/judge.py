@@ -136,6 +136,58 @@ async def judge_rows(
     return list(judged), summary
 
 
+def verdict(scores: tuple[float, float] | None) -> str | None:
+    """"first" / "second" / "tie" from the two scores of one judgment (None: unreadable)."""
+    if scores is None:
+        return None
+    return "first" if scores[0] > scores[1] else "second" if scores[1] > scores[0] else "tie"
+
+
+def combine_orders(ab: str | None, ba: str | None) -> str | None:
+    """A's result from the judgment with A first (`ab`) and with B first (`ba`): "win", "loss", "tie", or
+    "inconsistent" when swapping the order changed the verdict (position bias; MT-Bench counts it as a tie).
+    None when either judgment was unreadable."""
+    if ab is None or ba is None:
+        return None
+    a_ab = {"first": "win", "second": "loss", "tie": "tie"}[ab]
+    a_ba = {"first": "loss", "second": "win", "tie": "tie"}[ba]
+    return a_ab if a_ab == a_ba else "inconsistent"
+
+
+async def pairwise(backend: Backend, journal: Journal, rows: Sequence[dict[str, Any]], a: str, b: str, *, model: str,
+                   max_tokens: int = 256) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Model `a` against model `b` on every row, judged twice: A as Assistant 1, then B as Assistant 1 (the
+    paper's judge prompt scores both 1-10). Returns per-row results and win/tie/loss (an order-inconsistent pair
+    counts as a tie) with the share of inconsistent pairs."""
+    stats = {"requests": 0, "cached": 0}
+
+    async def one(row: dict[str, Any]) -> dict[str, Any]:
+        q, ta, tb = row["question"], row[a]["text"], row[b]["text"]
+        first = await _cached(backend, journal, judge_request(q, ta, tb, model=model, max_tokens=max_tokens), stats)
+        second = await _cached(backend, journal, judge_request(q, tb, ta, model=model, max_tokens=max_tokens), stats)
+        ab, ba = verdict(parse_scores(first.text)), verdict(parse_scores(second.text))
+        return {"id": row["id"], "category": row.get("category"), "a_first": ab, "b_first": ba,
+                "result": combine_orders(ab, ba)}
+
+    results = list(await asyncio.gather(*(one(r) for r in rows)))
+    counted = [r["result"] for r in results if r["result"] is not None]
+    n = len(counted)
+    wins, losses = counted.count("win"), counted.count("loss")
+    ties = counted.count("tie") + counted.count("inconsistent")
+    summary = {
+        "pairs": len(results),
+        "judged": n,
+        "unparsed": len(results) - n,
+        "win": wins,
+        "tie": ties,
+        "loss": losses,
+        "win_rate": wins / n if n else None,
+        "inconsistent_share": counted.count("inconsistent") / n if n else None,
+        **stats,
+    }
+    return results, summary
+
+
 # --------------------------------------------------------------------------- SDF: one score from 1 to 100 per answer
 
 SCORE_MIN, SCORE_MAX = 1, 100

@@ -53,6 +53,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from baize.config import TrainParams
 from baize.errors import BaizeError, InputError
 from baize.hardware import resolve_mixed_precision
+from baize.inference import STACK_NAME  # the frozen first LoRA of a stack: its adapter name and subfolder
 
 ADAPTER_META = "baize_adapter.json"
 REQUIRED_COLUMNS = ("input_ids", "labels")
@@ -194,8 +195,6 @@ def load_base_model(
     return model
 
 
-STACK_NAME = "sft"
-"""PEFT adapter name (and subfolder of a saved stacked adapter) of the frozen first LoRA under an SDF one."""
 
 
 def activate_stack(model) -> None:
