@@ -382,3 +382,61 @@ def test_local_raw_prompt_equals_generate_on_the_same_text(sdf_project):
             ids = backend.model.generate(**enc, max_new_tokens=12, do_sample=False)
     assert done.prompt_tokens == enc["input_ids"].shape[1]
     assert done.text == backend.tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- pairwise: both orders
+
+
+@pytest.mark.parametrize(
+    ("a_first", "b_first", "result"),
+    [
+        ("first", "second", "win"),        # A preferred in both positions
+        ("second", "first", "loss"),
+        ("tie", "tie", "tie"),
+        ("first", "first", "inconsistent"),  # whoever is first wins: position bias
+        ("second", "second", "inconsistent"),
+        ("first", "tie", "inconsistent"),
+        (None, "first", None),
+    ],
+)
+def test_pairwise_verdicts_combine_both_orders(a_first, b_first, result):
+    assert judge.combine_orders(a_first, b_first) == result
+
+
+def test_pairwise_judges_each_pair_in_both_orders_against_a_stub(tmp_path):
+    """The stub judge always prefers Assistant 1 for one question (position bias) and the longer answer otherwise."""
+    from baize.selfchat.openai_backend import OpenAIBackend
+
+    def reply(body):
+        prompt = body["messages"][-1]["content"]
+        one = prompt.split("[The Start of Assistant 1's Answer]\n")[1].split("\n[The End")[0]
+        two = prompt.split("[The Start of Assistant 2's Answer]\n")[1].split("\n[The End")[0]
+        if "biased" in prompt:
+            return "9 3\nThe first one."
+        if "broken" in prompt:
+            return "I prefer neither."
+        return f"{min(10, len(one))} {min(10, len(two))}\nLonger is better here."
+
+    rows = [{"id": "q1", "question": "plain?", "v2": {"text": "longer answer"}, "adapter": {"text": "short"}},
+            {"id": "q2", "question": "biased?", "v2": {"text": "x"}, "adapter": {"text": "y"}},
+            {"id": "q3", "question": "plain again?", "v2": {"text": "abc"}, "adapter": {"text": "abc"}},
+            {"id": "q4", "question": "broken?", "v2": {"text": "a"}, "adapter": {"text": "b"}}]
+
+    async def run(url):
+        backend = OpenAIBackend(base_url=url, concurrency=2)
+        try:
+            with Journal(tmp_path / "pairs.jsonl") as journal:
+                return await judge.pairwise(backend, journal, rows, "v2", "adapter", model="judge-1", max_tokens=32)
+        finally:
+            await backend.aclose()
+
+    with StubServer(reply=reply) as stub:
+        results, summary = asyncio.run(run(stub.url))
+        # Every pair was asked twice, the answers swapped between the two positions.
+        firsts = [b["messages"][-1]["content"].split("Assistant 1's Answer]\n")[1].split("\n")[0]
+                  for b in stub.state.bodies if "plain?" in b["messages"][-1]["content"]]
+        assert sorted(firsts) == ["longer answer", "short"]
+    assert [r["result"] for r in results] == ["win", "inconsistent", "tie", None]
+    assert (summary["win"], summary["tie"], summary["loss"], summary["unparsed"]) == (1, 2, 0, 1)
+    assert summary["inconsistent_share"] == pytest.approx(1 / 3)
+    assert summary["requests"] + summary["cached"] == 8  # q3 asks the same thing twice: once paid

@@ -175,3 +175,32 @@ def test_a_stacked_folder_naming_a_missing_first_adapter_is_one_clear_error(stac
     shutil.rmtree(broken / "sft")
     with pytest.raises(Exception, match=r"sft: adapter folder not found"):
         inference.load_model(stack["base"], broken)
+
+
+def test_evaluation_runs_base_v15_and_v2_from_one_loaded_stack(stack):
+    """`evaluate` compares the three models on one copy of the weights: the switch must give each one exactly."""
+    from transformers import AutoTokenizer
+
+    from baize import evaluation
+
+    model, tokenizer = inference.load_model(stack["base"], stack["v2"], dtype="float32")
+    rows = [{"input_ids": IDS[0].tolist(), "labels": IDS[0].tolist()}]
+    each = evaluation.perplexities(model, rows, ["base", "adapter", "v2"])
+    manual = {}
+    for name, folders in (("base", ()), ("adapter", (stack["first"],)), ("v2", (stack["first"], stack["v2"]))):
+        logits = _logits_with(stack["base"], *folders)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], IDS[0, 1:])
+        manual[name] = float(loss)
+    for name in manual:
+        assert each[name]["loss"] == pytest.approx(manual[name], abs=1e-4), name
+    ppl = evaluation.compare_perplexity(model, rows)
+    assert ppl["v2"] == pytest.approx(each["v2"]["perplexity"], rel=1e-5)
+    assert sorted(model.active_adapters) == ["default", "sft"]  # switching back leaves v2 active
+    prompts = [{"id": "q1", "text": "How do I boil an egg?"}]
+    answers = evaluation.generate_answers(
+        model, tokenizer, prompts, which=["base", "base_chat", "adapter", "v2"], max_new_tokens=6, temperature=0,
+        top_p=1.0, batch_size=1, seed=1, max_context_tokens=512,
+        chat_tokenizer=AutoTokenizer.from_pretrained(stack["base"]),
+    )
+    assert set(answers) == {"base", "base_chat", "adapter", "v2"}
+    assert all(len(g) == 1 for g in answers.values())
