@@ -424,8 +424,8 @@ class SdfSampleParams(Section):
     """Answers per prompt (the paper: 4); the best-scored one trains the second LoRA."""
     backend: Literal["local", "openai"] = "local"
     """`local`: models/base + models/adapter in-process (the adapter merged in float32), continuous batching;
-    `openai`: any OpenAI-compatible server at `base_url` serving the v1.5 model (e.g. `baize export` behind vLLM or
-    `transformers serve`), asked through the Completions API with the raw Baize prompt."""
+    `openai`: any OpenAI-compatible server at `base_url` serving the v1.5 model (e.g. `baize export` behind vLLM),
+    asked through the Completions API with the raw Baize prompt."""
     model: str | None = None
     """openai backend: the served model's name (required there)."""
     base_url: str | None = None
