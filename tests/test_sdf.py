@@ -440,3 +440,31 @@ def test_pairwise_judges_each_pair_in_both_orders_against_a_stub(tmp_path):
     assert (summary["win"], summary["tie"], summary["loss"], summary["unparsed"]) == (1, 2, 0, 1)
     assert summary["inconsistent_share"] == pytest.approx(1 / 3)
     assert summary["requests"] + summary["cached"] == 8  # q3 asks the same thing twice: once paid
+
+
+def test_sampling_through_an_openai_compatible_server_sends_the_raw_baize_prompt(tmp_path):
+    """`sdf_sample.backend: openai`: the Completions API with Baize's text prompt, stop strings and seeds."""
+    from baize import inference
+    from baize.selfchat.openai_backend import OpenAIBackend
+
+    params = SdfSampleParams(num_samples=2, backend="openai", model="baize-v1.5", base_url="http://x/v1")
+    prompts = [{"id": "p1", "text": "How do I boil an egg?"}]
+
+    requests = sdf.sample_requests(prompts, params, model="baize-v1.5", tokenizer=None)  # None: no token budget
+    assert len(requests) == 2 and requests[0][2].seed != requests[1][2].seed
+
+    async def run(url):
+        backend = OpenAIBackend(base_url=url)
+        try:
+            with Journal(tmp_path / "s.jsonl") as journal:
+                return await sdf.sample_answers(backend, journal, requests, endpoint=url)
+        finally:
+            await backend.aclose()
+
+    with StubServer(reply=lambda body: " Boil it for 8 minutes.\n[|Human|] Thanks") as stub:
+        samples = asyncio.run(run(stub.url))
+        body = stub.state.bodies[0]
+    assert "messages" not in body and body["prompt"] == inference.build_prompt("How do I boil an egg?")
+    assert body["stop"] == ["[|Human|]", "[|AI|]"] and body["temperature"] == 1.0 and body["top_p"] == 0.95
+    assert [s["text"] for s in samples] == ["Boil it for 8 minutes."] * 2
+    assert all(s["finish_reason"] == "stop" and s["failure"] is None for s in samples)
