@@ -157,9 +157,11 @@ def test_push_then_pull_in_a_fresh_clone(pipeline):
     for name, digest in source["files"].items():
         assert _sha256(clone / "models" / "base" / name) == digest
     status = json.loads(_run(["dvc", "status", "--json"], clone, env).stdout)
-    # Only the uncached, emptied checkpoint folder of a finished training may be absent from a clone.
+    # Only the uncached, emptied checkpoint folders of finished trainings may be absent from a clone.
     assert all(
-        change == {"changed outs": {"models/checkpoints": "deleted"}} for entry in status.values() for change in entry
+        change in ({"changed outs": {"models/checkpoints": "deleted"}},
+                   {"changed outs": {"models/sdf_checkpoints": "deleted"}})
+        for entry in status.values() for change in entry
     ), status
 
 
@@ -231,3 +233,43 @@ def test_mlflow_ui_serves_the_runs_with_their_tags(pipeline):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_sdf_adapter_is_stacked_loadable_and_compared(pipeline):
+    """Baize v2: the SDF adapter stacks on the v1.5 one, `baize chat` loads it, evaluate compares the models, and
+    the SDF runs link to the v1.5 training run in MLflow."""
+    from mlflow import MlflowClient
+
+    repo, env = pipeline["repo"], pipeline["env"]
+    v2 = repo / "models" / "adapter_v2"
+    meta = json.loads((v2 / "baize_adapter.json").read_text())
+    assert meta["stacked_on"] == "sft" and (v2 / "adapter_model.safetensors").is_file()
+    first = repo / "models" / "adapter"
+    assert (v2 / "sft" / "adapter_model.safetensors").read_bytes() == (first / "adapter_model.safetensors").read_bytes()
+    train_run = json.loads((first / "baize_adapter.json").read_text())["mlflow_run_id"]
+    assert meta["stacked_on_mlflow_run_id"] == train_run
+
+    samples = [json.loads(line) for line in (repo / "data/sdf/samples.jsonl").read_text().splitlines()]
+    seeds = {json.loads(line)["text"] for line in (repo / "data/seeds/seeds.jsonl").read_text().splitlines()}
+    assert len(samples) == 4 and not {s["prompt"] for s in samples} & seeds
+    judge_metrics = json.loads((repo / "reports/sdf_judge/metrics.json").read_text())
+    assert judge_metrics["samples"] == 4 and judge_metrics["kept"] + judge_metrics["dropped_all_failed"] == 2
+
+    metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
+    assert {"base", "adapter", "v2"} <= set(metrics["perplexity"])
+    assert set(metrics["perplexity_sdf_best"]) == {"base", "adapter", "v2"}
+    assert set(metrics["generation"]) == {"base", "base_chat", "adapter", "v2"}
+    assert set(metrics["judge"]) == {"base", "base_chat", "adapter", "v2"}
+    assert set(metrics["pairwise"]) == {"v2_vs_adapter", "adapter_vs_base"}
+    assert "| v2 |" in (repo / "reports/eval/report.md").read_text()
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(yaml.safe_load((repo / "params.yaml").read_text())["tracking"]["experiment"])
+    for stage in ("sdf_sample", "sdf_judge", "sdf_train"):
+        [run] = client.search_runs([exp.experiment_id], filter_string=f"tags.`baize.stage` = '{stage}'")
+        assert run.data.tags["baize.train_run_id"] == train_run, stage
+
+    chat = subprocess.run(["baize", "chat", "--adapter", "models/adapter_v2", "--max-new-tokens", "4", "--seed", "1"],
+                          cwd=repo, env=env, input="Hello!\n/quit\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert "Baize: " in chat.stdout
