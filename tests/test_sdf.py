@@ -468,3 +468,19 @@ def test_sampling_through_an_openai_compatible_server_sends_the_raw_baize_prompt
     assert body["stop"] == ["[|Human|]", "[|AI|]"] and body["temperature"] == 1.0 and body["top_p"] == 0.95
     assert [s["text"] for s in samples] == ["Boil it for 8 minutes."] * 2
     assert all(s["finish_reason"] == "stop" and s["failure"] is None for s in samples)
+
+
+def test_bad_inputs_stop_the_stages_with_one_line(sdf_project, tmp_path):
+    project = _project(sdf_project, tmp_path, sdf_judge={"backend": "local"},
+                       sdf_sample={"backend": "openai", "model": "m"})
+    (project / "data/sdf").mkdir(parents=True)
+    good = {"prompt_id": "p", "prompt": "q?", "sample": 0, "text": "a", "failure": None}
+    (project / "data/sdf/samples.jsonl").write_text(json.dumps(good) + "\n" + '{"prompt_id": "p", "sample": 1\n')
+    judged = subprocess.run([sys.executable, "-m", "stages.sdf_judge"], cwd=project, env=_env(project),
+                            capture_output=True, text=True, timeout=120)
+    assert judged.returncode == 1
+    assert judged.stderr.strip().splitlines()[-1].startswith("error: data/sdf/samples.jsonl:2: ")
+    sampled = subprocess.run([sys.executable, "-m", "stages.sdf_sample"], cwd=project, env=_env(project),
+                             capture_output=True, text=True, timeout=120)
+    assert sampled.returncode == 2
+    assert "sdf_sample" in sampled.stderr and "base_url" in sampled.stderr and "Traceback" not in sampled.stderr

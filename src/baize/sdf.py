@@ -146,6 +146,8 @@ def sample_metrics(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
     """Records of a JSONL file this module wrote; a bad line is an InputError naming file:line."""
+    if not Path(path).is_file():
+        raise InputError(path, None, "no such file (run the stage before this one)")
     out = []
     for lineno, obj in iter_json_lines(path):
         if not isinstance(obj, dict) or any(k not in obj for k in required):
