@@ -47,7 +47,8 @@ def main(best_path: Path, data_dir: Path, model_dir: Path, adapter_dir: Path, to
     from baize import inference, sdf, training  # torch: only once the params are known to be valid
 
     inference.check_adapter_dir(adapter_dir)
-    data_metrics = sdf.prepare_training_data(best_path, data_dir, tokenized_dir, max_length=params.max_length)
+    data_metrics = sdf.prepare_training_data(best_path, data_dir, tokenized_dir, max_length=params.max_length,
+                                             with_val=params.eval_val)
     with _common.mlflow_run("sdf_train", tracking, ("sdf_train",)) as run:
         import mlflow
 
@@ -93,8 +94,9 @@ def main(best_path: Path, data_dir: Path, model_dir: Path, adapter_dir: Path, to
         m = result.metrics
         resumed = f", resumed from step {m['resumed_from_step']}" if m["resumed_from_step"] else ""
         click.echo(
-            f"{out_dir}: SDF LoRA on {data_metrics['samples']} best answers, {m['steps']} steps{resumed}, val "
-            f"perplexity {m['eval_perplexity']} (v1.5 {m['base_eval_perplexity']}), {metrics['wall_s']} s "
+            f"{out_dir}: SDF LoRA on {data_metrics['samples']} best answers, {m['steps']} steps{resumed}, final "
+            f"train loss {m['final_train_loss']}, val perplexity {m['eval_perplexity']} (v1.5 "
+            f"{m['base_eval_perplexity']}), {metrics['wall_s']} s "
             f"(mlflow run {run.info.run_id})"
         )
 

@@ -215,10 +215,12 @@ def best_transcripts(best: Sequence[dict[str, Any]], judge_model: str) -> list[T
     return out
 
 
-def prepare_training_data(best_path: Path, tokenized_dir: Path, out_dir: Path, *, max_length: int) -> dict[str, Any]:
+def prepare_training_data(best_path: Path, tokenized_dir: Path, out_dir: Path, *, max_length: int,
+                          with_val: bool = True) -> dict[str, Any]:
     """`out_dir/{train,val,tokenizer}` for `training.train`: train = the best answers tokenized exactly as the
     tokenize stage does (Baize training text, AI-only loss with the stop marker); val and tokenizer = the v1.5
-    run's (`tokenized_dir`), so the second LoRA is measured on the same held-out transcripts as the first."""
+    run's (`tokenized_dir`), so the second LoRA is measured on the same held-out transcripts as the first
+    (`with_val` False: no val, no evaluation during training)."""
     import datasets
 
     from baize import tokenization
@@ -241,7 +243,8 @@ def prepare_training_data(best_path: Path, tokenized_dir: Path, out_dir: Path, *
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     train.save_to_disk(str(tmp / "train"))
-    shutil.copytree(tokenized_dir / "val", tmp / "val")
+    if with_val:
+        shutil.copytree(tokenized_dir / "val", tmp / "val")
     shutil.copytree(tokenized_dir / "tokenizer", tmp / "tokenizer")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
