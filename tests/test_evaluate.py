@@ -203,7 +203,7 @@ def test_stage_writes_metrics_samples_and_mlflow(tmp_path, tiny, base_model_dir,
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((proj / "reports/eval/metrics.json").read_text())
     assert metrics["perplexity"]["adapter"] < metrics["perplexity"]["base"]
-    assert set(metrics["generation"]) == {"base", "adapter"}
+    assert set(metrics["generation"]) == {"base", "base_chat", "adapter"}  # no v2 adapter given: no v2 row
     assert metrics["generation"]["adapter"]["count"] == 3
     samples = [json.loads(line) for line in (proj / "reports/eval/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and samples[-1]["source"] == "val"
