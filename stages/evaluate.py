@@ -98,7 +98,7 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
     answers = evaluation.generate_answers(
         model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
         top_p=params.top_p, batch_size=params.batch_size, seed=params.seed,
-        max_context_tokens=params.max_context_tokens,
+        max_context_tokens=params.max_context_tokens, prompt_format=params.prompt_format,
     )
     samples = evaluation.sample_rows(prompts, answers)
     metrics: dict = {

@@ -32,25 +32,43 @@ def tiny(base_model_dir) -> Path:
 # --------------------------------------------------------------------------- prompt and truncation
 
 
-def test_prompt_is_baize_inference_prompt():
+def test_paper_prompt_is_baize_demo_prompt():
     assert BAIZE_SYSTEM_PROMPT.startswith("The following is a conversation between a human and an AI assistant named Baize")
     assert BAIZE_SYSTEM_PROMPT.endswith("[|Human|]Hello!\n[|AI|]Hi!")
-    p = inference.build_prompt("Why?", [("Hi", "Hello"), ("Q2", "A2")])
+    p = inference.build_prompt("Why?", [("Hi", "Hello"), ("Q2", "A2")], prompt_format="paper")
     assert p == BAIZE_SYSTEM_PROMPT + "\n[|Human|]Hi\n[|AI|]Hello\n[|Human|]Q2\n[|AI|]A2\n[|Human|]Why?\n[|AI|]"
 
 
-def test_truncation_drops_oldest_turns(tokenizer):
+def test_training_prompt_is_what_the_adapter_chat_template_renders(tokenizer):
+    from baize.chat_template import set_baize_chat_template
+
+    history = [("Hi", "Hello"), ("Q2", "A2")]
+    p = inference.build_prompt("Why?", history)  # the default format
+    assert p == "The conversation between human and AI assistant.\n[|Human|] Hi\n[|AI|] Hello\n[|Human|] Q2\n[|AI|] A2\n[|Human|] Why?\n[|AI|]"
+    messages = [m for h, a in history for m in ({"role": "user", "content": h}, {"role": "assistant", "content": a})]
+    messages.append({"role": "user", "content": "Why?"})
+    templated = set_baize_chat_template(tokenizer).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert p == templated
+    with pytest.raises(inference.BaizeError, match="prompt format 'chatml'"):
+        inference.build_prompt("Why?", prompt_format="chatml")
+
+
+@pytest.mark.parametrize("prompt_format", ["training", "paper"])
+def test_truncation_drops_oldest_turns(tokenizer, prompt_format):
     history = [(f"question number {i} " + "word " * 20, f"answer number {i} " + "word " * 20) for i in range(6)]
-    base = inference.count_tokens(tokenizer, inference.build_prompt("Last?"))
-    pair = inference.count_tokens(tokenizer, inference.format_turn(*history[-1]))
+    base = inference.count_tokens(tokenizer, inference.build_prompt("Last?", prompt_format=prompt_format))
+    pair = inference.count_tokens(tokenizer, inference.format_turn(*history[-1], prompt_format=prompt_format))
     budget = base + 2 * pair + 2  # room for about two pairs
-    p = inference.build_prompt("Last?", history, tokenizer, budget)
+    p = inference.build_prompt("Last?", history, tokenizer, budget, prompt_format)
     assert inference.count_tokens(tokenizer, p) <= budget
     assert "question number 5" in p and "question number 4" in p
     assert "question number 3" not in p and "question number 0" not in p
-    assert p.endswith("\n[|Human|]Last?\n[|AI|]") and p.startswith(BAIZE_SYSTEM_PROMPT)
+    if prompt_format == "paper":
+        assert p.endswith("\n[|Human|]Last?\n[|AI|]") and p.startswith(BAIZE_SYSTEM_PROMPT)
+    else:
+        assert p.endswith("\n[|Human|] Last?\n[|AI|]") and p.startswith("The conversation between human and AI assistant.\n[|Human|] question number 4")
     with pytest.raises(inference.PromptTooLongError, match="context budget"):
-        inference.build_prompt("Last?", history, tokenizer, base - 1)
+        inference.build_prompt("Last?", history, tokenizer, base - 1, prompt_format)
 
 
 def test_cut_at_stop_and_hold_back():

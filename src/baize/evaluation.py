@@ -191,9 +191,10 @@ def heldout_prompts(rows: Sequence[dict[str, Any]], tokenizer, num: int) -> list
 
 def generate_answers(model, tokenizer, prompts: Sequence[dict[str, Any]], *, which: Sequence[str] = ("base", "adapter"),
                      max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
-                     max_context_tokens: int, progress: Any = None) -> dict[str, list[inference.Generation]]:
+                     max_context_tokens: int, prompt_format: str = "training",
+                     progress: Any = None) -> dict[str, list[inference.Generation]]:
     """Answers from the base (adapter off) and from base + adapter, same prompts, same seeds."""
-    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens) for p in prompts]
+    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens, prompt_format) for p in prompts]
     out = {}
     for name in which:
         ctx = base_model_context(model) if name == "base" else contextlib.nullcontext()

@@ -533,7 +533,7 @@ def train(
         # number to beat. (Skipped on resume: the adapter is no longer the base.)
         base_eval = trainer.evaluate(metric_key_prefix="base_eval")
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    final_eval = trainer.evaluate() if val_ds is not None else {}
+    final_eval = _final_eval(trainer) if val_ds is not None else {}
 
     trained = trainer.accelerator.reduce(torch.tensor(trainer.trained_tokens, dtype=torch.long), reduction="sum")
     trained_tokens = int(trained.item())
@@ -577,6 +577,18 @@ def train(
         data_digests={**digests, "fingerprint": fingerprint, "run_dir": str(run_dir)},
         mlflow_logged_steps=mlflow_steps.logged_steps,
     )
+
+
+def _final_eval(trainer) -> dict[str, float]:
+    """The val loss of the trained adapter: the Trainer's own eval at the last step when it ran one (the
+    weights have not changed since; an int8 eval pass costs as much as a few training steps), else a new one."""
+    state = trainer.state
+    for entry in reversed(state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == state.global_step:
+                return {"eval_loss": float(entry["eval_loss"])}
+            break
+    return trainer.evaluate()
 
 
 def _ppl(loss: float | None) -> float | None:
