@@ -99,6 +99,12 @@ _TAG = re.compile(r"<(?:script|link|img)\b[^>]*>", re.IGNORECASE)
 _URL_ATTR = re.compile(r"""\b(src|href)\s*=\s*(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
 _SRI = re.compile(r"""\s+integrity\s*=\s*(["'])(.*?)\1""", re.IGNORECASE | re.DOTALL)
 _CROSSORIGIN = re.compile(r"""\s+crossorigin(?:\s*=\s*(["']).*?\1)?""", re.IGNORECASE | re.DOTALL)
+# Every GX page asks for Vega (830 kB), only pages with a chart (graph.j2) call it: the others lose these.
+_VEGA_SCRIPTS = re.compile(
+    "|".join(rf"""<script\s+src\s*=\s*["']{re.escape(url)}["']\s*>\s*</script>\s*"""
+             for a in ASSETS if a.path.startswith("vega/") for url in a.urls),
+    re.IGNORECASE,
+)
 
 
 def remote_refs(html: str) -> list[str]:
@@ -135,8 +141,6 @@ def _localize_tag(tag: str, page: Path, site: Path, used: set[str]) -> str:
     if match is None:
         return tag
     asset = _BY_URL[match.group(3).strip()]
-    if asset.path.startswith("vega/") and "vegaEmbed(" not in page.read_text("utf-8"):
-        return ""  # every page asks for Vega (830 kB); only pages with a chart (graph.j2) call it
     sri = _SRI.search(tag)
     if sri and not _matches_sri((VENDOR / asset.path).read_bytes(), sri.group(2)):
         log.warning("Data Docs: %s is not the file its page pins (integrity); left on the CDN", asset.path)
@@ -161,7 +165,8 @@ def localize_data_docs(site: str | os.PathLike) -> list[Path]:
     remote = []
     for page in sorted(site.rglob("*.html")):
         html = page.read_text("utf-8")
-        new = _TAG.sub(lambda m, p=page: _localize_tag(m.group(0), p, site, used), html)
+        new = html if "vegaEmbed(" in html else _VEGA_SCRIPTS.sub("", html)
+        new = _TAG.sub(lambda m, p=page: _localize_tag(m.group(0), p, site, used), new)
         if new != html:
             page.write_text(new, "utf-8")
         if left := remote_refs(new):
