@@ -1,7 +1,8 @@
 """End to end: `dvc repro` of the micro profile in a fresh git repo, through every stage, offline.
 
 Then: the outputs, dvc.lock and the MLflow runs are checked; a second `dvc repro` does nothing; `dvc push`
-and a `dvc pull` into a fresh clone restore the data and models; `dvc exp run --temp` logs to the root store.
+and a `dvc pull` into a fresh clone restore the data and models; `dvc exp run --temp` logs to the root store;
+the README's `dvc plots diff` draws the training curves with no network and leaves nothing for git to add.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser import count_color, needs_browser, screenshot
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -231,3 +233,19 @@ def test_mlflow_ui_serves_the_runs_with_their_tags(pipeline):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@needs_browser
+def test_plots_diff_draws_the_training_curves_offline(pipeline):
+    """The README's command, then a screenshot of its page: the loss curve is drawn (Vega inlined by the
+    project's template), and git sees no new file (the page's folder is ignored)."""
+    repo, env = pipeline["repo"], pipeline["env"]
+    _run(["dvc", "plots", "diff"], repo, env)
+    page = repo / "dvc_plots" / "index.html"
+    shot = screenshot(page, pipeline["work"] / "screenshots" / "plots_diff.png", size=(1000, 700))
+    # dvc-render's colours of the first two revisions (workspace, HEAD: equal curves, one over the other);
+    # a blank page has none.
+    drawn = count_color(shot, (0x94, 0x5D, 0xD6)) + count_color(shot, (0x13, 0xAD, 0xC7))
+    assert drawn > 400, f"{drawn} pixels of the curves' colour: no marks ({pipeline['work'] / 'screenshots'})"
+    status = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo, env).stdout
+    assert "dvc_plots" not in status, status

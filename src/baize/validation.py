@@ -48,6 +48,7 @@ from baize.errors import BaizeError, InputError, ParamsError
 from baize.formats import from_messages, import_baize_json
 from baize.selfchat import prompts
 from baize.transcript import Transcript, atomic_write_text, iter_json_lines, read_jsonl, write_jsonl
+from baize.webassets import localize_data_docs
 
 # --------------------------------------------------------------------------- the checks
 
@@ -585,6 +586,9 @@ def run_suite(records_df, turns_df, p: ValidateParams, docs_dir: str | os.PathLi
         # log them to MLflow on every run.
         for gif in (docs_dir / "static" / "images").glob("*.gif"):
             gif.unlink()
+        # GX's pages load jQuery, Bootstrap, bootstrap-table and fonts from CDNs: offline the index table is
+        # empty and every page unstyled. Point them at the copies shipped in baize.webassets.
+        localize_data_docs(docs_dir)
     order = list(CHECKS)
     return sorted(results, key=lambda r: order.index(r.check.name))
 
