@@ -231,6 +231,14 @@ def test_token_budget_chunks_give_the_same_step_as_the_whole_micro_batch(tiny_pr
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_warmup_never_trains_a_step_at_learning_rate_zero():
+    # transformers' "linear" schedule: step 0 gets 0 / warmup_steps = 0, a wasted step (all of it at warmup_steps 1).
+    assert [training.warmup_linear_factor(s, 1, 4) for s in range(4)] == pytest.approx([1 / 2, 1, 2 / 3, 1 / 3])
+    assert [training.warmup_linear_factor(s, 3, 5) for s in range(5)] == pytest.approx([1 / 4, 2 / 4, 3 / 4, 1, 1 / 2])
+    assert [training.warmup_linear_factor(s, 0, 2) for s in range(2)] == pytest.approx([1, 1 / 2])  # as transformers'
+    assert training.warmup_linear_factor(10, 2, 10) == 0.0
+
+
 def test_mixed_precision_auto_resolves_to_what_the_machine_computes():
     assert hardware.resolve_mixed_precision("no") == "no"
     assert hardware.resolve_mixed_precision("bf16") == "bf16"

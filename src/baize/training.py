@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -234,6 +235,16 @@ def split_by_tokens(inputs: dict[str, torch.Tensor], max_tokens: int) -> list[di
     return chunks
 
 
+def warmup_linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor of optimizer step `step` (0-based): a linear warm-up that reaches the full rate at step
+    `warmup_steps`, then linear decay to 0 after the last step (as transformers' "linear"). The warm-up counts from
+    1/(warmup_steps + 1), not from 0: transformers' gives the first step a learning rate of 0, so with
+    `warmup_steps: 1` that step trained nothing."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 class BaizeTrainer(Trainer):
     """The Trainer with a loss over trained positions only, a token budget per forward pass and a hard stop on a
     NaN/inf loss.
@@ -251,6 +262,20 @@ class BaizeTrainer(Trainer):
         # compute_loss below normalizes by num_items_in_batch itself, whatever the model's forward accepts, so
         # the Trainer must always count it (chunks rely on it) and must not divide again by the accumulation.
         self.model_accepts_loss_kwargs = True
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' "linear" schedule with a warm-up that never starts at 0 (see `warmup_linear_factor`)."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer if optimizer is not None else self.optimizer,
+                functools.partial(
+                    warmup_linear_factor,
+                    warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                    total_steps=num_training_steps,
+                ),
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         budget = 0 if self.is_deepspeed_enabled else self.max_batch_tokens  # DeepSpeed owns its backward passes
