@@ -566,7 +566,9 @@ def train(
     rows = step_rows(trainer.state.log_history)
     losses = [r["loss"] for r in rows if r["loss"] != ""]
     metrics: dict[str, Any] = {
-        "train_loss": float(out.training_loss),
+        # The mean of the logged step losses, not the Trainer's `training_loss`: that one only averages the steps
+        # of this process, so after a resume it would differ from an uninterrupted run's.
+        "train_loss": sum(losses) / len(losses) if losses else float(out.training_loss),
         "final_train_loss": float(losses[-1]) if losses else None,
         "eval_loss": final_eval.get("eval_loss"),
         "eval_perplexity": _ppl(final_eval.get("eval_loss")),
