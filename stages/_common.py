@@ -194,7 +194,8 @@ def write_reports(metrics_path: str | Path, *, headline: dict, report: dict, run
     """A stage's numbers in three files beside each other, by who reads them; returns their paths.
 
     - metrics.json: the headline (a DVC metric: `dvc metrics show`, `dvc exp show`), a few flat names without
-      `.` or `/`, unique across stages: the README's `dvc exp show --drop '.*[./]'` keeps exactly these columns.
+      `.` or `/`, unique across stages, floats to 3 decimals: the README's `dvc exp show --drop '.*[./]'` keeps
+      exactly these columns, and they fit 120 columns.
     - report.json: every detail that the inputs decide (a DVC output in git, not a metric).
     - run.json: what differs from run to run with the same inputs (wall-clock seconds, throughput, journal reuse,
       resumes): git-ignored and no DVC output, else `dvc.lock` would change with the clock; also in MLflow.
@@ -202,6 +203,8 @@ def write_reports(metrics_path: str | Path, *, headline: dict, report: dict, run
     bad = [k for k, v in headline.items() if "." in k or "/" in k or isinstance(v, dict)]
     if bad:
         raise ValueError(f"headline metrics must be flat names without '.' or '/': {bad}")
+    # Three decimals: `dvc exp show` must fit 120 columns (full precision is in report.json and MLflow).
+    headline = {k: round(v, 3) if isinstance(v, float) else v for k, v in headline.items()}
     metrics_path = Path(metrics_path)
     paths = {"metrics": metrics_path, "report": metrics_path.with_name("report.json")}
     write_json(paths["metrics"], headline)

@@ -733,9 +733,10 @@ class Report:
         return self.pass_rate >= self.min_pass_rate and not self.dataset_failures()
 
     def headline(self) -> dict[str, float]:
-        """The number `dvc metrics show` / `dvc exp show` compare: the accepted share."""
+        """The number `dvc metrics show` / `dvc exp show` compare: the accepted share (`pass_rate`, 3 decimals; a
+        short name, as the headline must fit a 120-column `dvc exp show`)."""
         n = len(self.transcripts)
-        return {"pass_rate": round(len(self.accepted) / n, 6) if n else 0.0}
+        return {"passed": round(len(self.accepted) / n, 3) if n else 0.0}
 
     def metrics(self) -> dict[str, Any]:
         """Counts, the pass rate of each record-level check and the rates of the dataset-level ones, and the
