@@ -560,6 +560,8 @@ def test_stage_writes_datasets_metrics_and_one_mlflow_run(tmp_path, base_model_d
     assert headline == {"tokens": metrics["trained_tokens"]["train"]} and headline["tokens"] > 0
     for name in ("train", "val", "tokenizer"):
         assert (tmp_path / "data/tokenized" / name).is_dir()
+    # No load-time flag (HF_HUB_OFFLINE set or not) in the saved tokenizer: the same folder in any environment.
+    assert "local_files_only" not in json.loads((tmp_path / "data/tokenized/tokenizer/tokenizer_config.json").read_text())
 
     from mlflow import MlflowClient
 

@@ -251,7 +251,7 @@ def _from_gguf(path: Path, tmp: Path, dtype: str, trust_remote_code: bool, packa
         tokenizer.model_max_length = max_positions
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    _clean_tokenizer_config(tmp)
+    clean_tokenizer_config(tmp)
     del model
     return {
         "kind": "gguf",
@@ -374,7 +374,7 @@ def _from_hub(repo_id: str, tmp: Path, revision: str | None, dtype: str, trust_r
     _drop_quantization(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    _clean_tokenizer_config(tmp)
+    clean_tokenizer_config(tmp)
     del model
     return {"kind": "hub", "revision": revision, "commit": commit, "upstream": repo_id}
 
@@ -504,8 +504,10 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
 
 
-def _clean_tokenizer_config(folder: Path) -> None:
-    """Drop load-time flags that transformers 5 writes into tokenizer_config.json (is_local, local_files_only)."""
+def clean_tokenizer_config(folder: Path) -> None:
+    """Drop load-time flags that transformers 5 writes into tokenizer_config.json (is_local, local_files_only):
+    they record how the tokenizer was loaded (HF_HUB_OFFLINE set or not), so the folders that DVC versions would
+    hash differently from one environment to the next."""
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from baize.base_model import clean_tokenizer_config
 from baize.config import TrainParams
 from baize.errors import BaizeError, InputError
 from baize.hardware import resolve_mixed_precision
@@ -484,13 +485,25 @@ def load_tokenizer(data_dir: Path, model_dir: Path):
     return tokenizer
 
 
+def _sort_config_sets(path: Path) -> None:
+    """PEFT keeps `target_modules` as a set and writes it in set order, which changes with Python's hash seed
+    from process to process: sorted, the adapter folder (a DVC output) is the same file for the same training."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(config.get(key), list) and all(isinstance(v, str) for v in config[key]):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def save_adapter(model, tokenizer, out_dir: Path, meta: dict[str, Any]) -> None:
     """Adapter weights (safetensors) + tokenizer + baize_adapter.json, swapped in atomically."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)  # PEFT: only the LoRA weights
+    _sort_config_sets(tmp / "adapter_config.json")
     tokenizer.save_pretrained(str(tmp))
+    clean_tokenizer_config(tmp)
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
