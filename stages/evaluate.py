@@ -1,8 +1,9 @@
 """Stage `evaluate`: base vs base + adapter on the validation split and a fixed prompt set, in one run.
 
-Outputs: reports/eval/samples.jsonl (one row per prompt with both answers), reports/eval/metrics.json (for
-`dvc metrics show/diff`), and one MLflow run with the metrics and the samples as a table, tagged with the
-run that trained the adapter (`baize.train_run_id`, read from models/adapter/baize_adapter.json).
+Outputs: reports/eval/samples.jsonl (one row per prompt with both answers), reports/eval/metrics.json (the
+headline, for `dvc metrics show` / `dvc exp show`), report.json (every figure) and run.json (seconds, untracked),
+and one MLflow run with the metrics and the samples as a table, tagged with the run that trained the adapter
+(`baize.train_run_id`: the train run tagged with this adapter's digest).
 """
 
 from __future__ import annotations
@@ -16,21 +17,31 @@ import click
 
 from baize import evaluation, inference
 from baize.config import EvaluateParams
-from baize.errors import BaizeError
 from baize.transcript import atomic_write_text
 from stages import _common
 
-ADAPTER_META = "baize_adapter.json"
+
+def _train_run_id(adapter_dir: Path, experiment: str) -> str | None:
+    """The newest train run that wrote an adapter with exactly this content (tagged with its digest); None for an
+    adapter trained elsewhere (another clone, another MLflow store)."""
+    from baize import tracking as tracking_lib
+
+    uri = tracking_lib.default_tracking_uri(_common.project_root())
+    digest = tracking_lib.folder_sha256(adapter_dir)
+    return tracking_lib.find_run_by_tag(uri, experiment, "train", tracking_lib.ADAPTER_TAG, digest)
 
 
-def _train_run_id(adapter_dir: Path) -> str | None:
-    meta = adapter_dir / ADAPTER_META
-    if not meta.is_file():
-        return None
-    try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("mlflow_run_id")
-    except (json.JSONDecodeError, AttributeError):
-        raise BaizeError(f"{meta}: not a JSON object") from None
+def headline(metrics: dict) -> dict:
+    """The numbers `dvc exp show` compares: perplexity of base and adapter, and the adapter's share of answers
+    that stop by themselves and that leak a role marker (the base's are in report.json); the judge's mean
+    scores when it ran."""
+    ppl, adapter = metrics["perplexity"], metrics["generation"]["adapter"]
+    out = {"ppl_base": ppl["base"], "ppl": ppl["adapter"], "stop": adapter.get("stop_rate"),
+           "leak": adapter.get("role_leak_rate")}
+    judge = metrics.get("judge")
+    if judge:
+        out.update(judge=judge.get("answer_mean"), judge_ref=judge.get("reference_mean"))
+    return out
 
 
 def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict]) -> tuple[list[dict], dict]:
@@ -115,13 +126,15 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
         metrics["judge"] = summary
     if params.lm_eval_tasks:
         metrics["lm_eval"] = evaluation.run_lm_eval(model_dir, adapter_dir, params.lm_eval_tasks, params.lm_eval_limit)
-    metrics["wall_s"] = round(time.perf_counter() - started, 1)
+    timing: dict = {"wall_s": round(time.perf_counter() - started, 1)}
+    if "judge" in metrics:  # how many verdicts came from the journal depends on earlier runs, not on the inputs
+        timing["judge"] = {k: metrics["judge"].pop(k) for k in ("requests", "cached") if k in metrics["judge"]}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
-    _common.write_json(out_dir / "metrics.json", metrics)
+    paths = _common.write_reports(out_dir / "metrics.json", headline=headline(metrics), report=metrics, run=timing)
 
-    train_run = _train_run_id(adapter_dir)
+    train_run = _train_run_id(adapter_dir, tracking.experiment)
     with _common.mlflow_run("evaluate", tracking, ("evaluate",)) as run:
         import mlflow
 
@@ -131,10 +144,11 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
         if train_run:
             tags["baize.train_run_id"] = train_run  # the link from this evaluation to the run that trained it
         mlflow.set_tags(tags)
-        log_metrics(metrics)
+        log_metrics({**metrics, **timing})
         mlflow.log_table(data=evaluation.flat_table(samples), artifact_file="eval/samples.json")
         if tracking.log_artifacts:
-            mlflow.log_artifact(str(out_dir / "metrics.json"), artifact_path="eval")
+            for path in paths.values():
+                mlflow.log_artifact(str(path), artifact_path="eval")
         click.echo(
             f"reports/eval: perplexity base {ppl['base']:.3f} -> adapter {ppl['adapter']:.3f} "
             f"({ppl['drop_pct']:.1f}% lower) over {ppl['tokens']} AI-turn tokens; "

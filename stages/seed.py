@@ -2,7 +2,7 @@
 
 Loads every source, normalizes whitespace, drops empty/short/long seeds and exact and near duplicates,
 filters by domain and samples `num_seeds` by weight with a fixed key. Writes the seeds atomically, the
-counts to reports/seed/metrics.json, and one MLflow run with both.
+count to reports/seed/metrics.json (the details to report.json beside it), and one MLflow run with all.
 """
 
 from __future__ import annotations
@@ -54,14 +54,16 @@ def main(out_path: Path, metrics_path: Path) -> None:
             file=sys.stderr,
         )
     write_seeds(out_path, result.seeds)
-    _common.write_json(metrics_path, metrics)
+    report, timing = _common.split_keys(metrics, ("seconds",))
+    paths = _common.write_reports(metrics_path, headline={"seeds": metrics["written"]}, report=report, run=timing)
     with _common.mlflow_run("seed", tracking, ("seed",)) as run:
         import mlflow
 
         tracking_lib.log_metrics(_mlflow_safe(metrics))
         if tracking.log_artifacts:
             mlflow.log_artifact(str(out_path))
-            mlflow.log_artifact(str(metrics_path))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
         by_domain = ", ".join(f"{k} {v}" for k, v in metrics["sampled"]["by_domain"].items())
         click.echo(f"{out_path}: {len(result.seeds)} seeds ({by_domain}) (mlflow run {run.info.run_id})")
 

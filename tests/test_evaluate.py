@@ -205,22 +205,34 @@ def _run_stage(proj: Path, tiny: Path, base_model_dir: Path, adapter=None, timeo
 def test_stage_writes_metrics_samples_and_mlflow(tmp_path, tiny, base_model_dir, mlflow_uri):
     import mlflow
 
-    # A real "train" run to link to, as the train stage records it in baize_adapter.json.
-    mlflow.set_tracking_uri(mlflow_uri)
-    exp = mlflow.MlflowClient(mlflow_uri).create_experiment("evaltest", artifact_location=(tmp_path / "art").as_uri())
-    with mlflow.start_run(experiment_id=exp, run_name="train") as train_run:
-        pass
+    from baize.tracking import ADAPTER_TAG, folder_sha256
+
     adapter = tmp_path / "adapter"
     import shutil
 
     shutil.copytree(tiny / "adapter", adapter)
-    (adapter / "baize_adapter.json").write_text(json.dumps({"mlflow_run_id": train_run.info.run_id}))
+    # Real "train" runs to link to, tagged with the digest of the adapter they wrote as the train stage tags
+    # them (the adapter holds no run id): the one that wrote this adapter, and a newer one that wrote another.
+    mlflow.set_tracking_uri(mlflow_uri)
+    exp = mlflow.MlflowClient(mlflow_uri).create_experiment("evaltest", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=exp, run_name="train",
+                          tags={"baize.stage": "train", ADAPTER_TAG: folder_sha256(adapter)}) as train_run:
+        pass
+    with mlflow.start_run(experiment_id=exp, run_name="train", tags={"baize.stage": "train", ADAPTER_TAG: "0" * 64}):
+        pass
 
     proj = _project(tmp_path, tiny, base_model_dir)
     res = _run_stage(proj, tiny, base_model_dir, adapter)
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((proj / "reports/eval/metrics.json").read_text())
+    metrics = json.loads((proj / "reports/eval/report.json").read_text())
     assert metrics["perplexity"]["adapter"] < metrics["perplexity"]["base"]
+    # The headline for `dvc exp show`; the seconds only in the untracked run.json.
+    headline = {
+        "ppl_base": metrics["perplexity"]["base"], "ppl": metrics["perplexity"]["adapter"],
+        "stop": metrics["generation"]["adapter"]["stop_rate"], "leak": metrics["generation"]["adapter"]["role_leak_rate"],
+    }
+    assert json.loads((proj / "reports/eval/metrics.json").read_text()) == {k: round(v, 3) for k, v in headline.items()}
+    assert "wall_s" not in metrics and json.loads((proj / "reports/eval/run.json").read_text())["wall_s"] > 0
     assert set(metrics["generation"]) == {"base", "adapter"}
     assert metrics["generation"]["adapter"]["count"] == 3
     samples = [json.loads(line) for line in (proj / "reports/eval/samples.jsonl").read_text().splitlines()]

@@ -282,7 +282,9 @@ def test_clean_records_all_accepted(mixed):
     accepted_ids = [json.loads(line)["id"] for line in mixed["paths"]["accepted"].read_text("utf-8").splitlines()]
     assert accepted_ids == [t.id for t in mixed["clean"]]
     assert len(report.rejected()) == len(BAD)
-    m = json.loads(mixed["paths"]["metrics"].read_text())
+    m = json.loads(mixed["paths"]["report"].read_text())
+    # metrics.json (`dvc metrics show`, `dvc exp show`) holds the headline only; the detail is in report.json.
+    assert json.loads(mixed["paths"]["metrics"].read_text()) == {"passed": round(m["pass_rate"], 3)}
     assert (m["records"], m["accepted"], m["rejected"]) == (len(mixed["records"]), len(mixed["clean"]), len(BAD))
     assert m["checks"]["no_role_markers"] == {  # role_markers (3 turns) and quoted_marker (1)
         "failed": 2,
@@ -294,7 +296,7 @@ def test_clean_records_all_accepted(mixed):
     assert m["checks"]["human_asks"]["failed"] == 3
     assert m["checks"]["duplicate_rate"]["observed"] == pytest.approx(2 / m["records"], abs=1e-6)
     assert set(m["checks"]) == set(CHECKS)
-    # metrics.json stays small (one `dvc metrics show` table): the headline statistics only, of the accepted data.
+    # report.json: the headline statistics of the accepted data; every statistic is in stats.json.
     assert set(m) == {"records", "turns", "accepted", "rejected", "pass_rate", "min_pass_rate", "gate_passed",
                       "stats", "checks"}
     assert list(m["stats"]) == list(STATS_HEADLINE) and m["stats"]["dialogues"] == len(mixed["clean"])
@@ -683,16 +685,16 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert len((project / "data/validated/transcripts.jsonl").read_text().splitlines()) == 6
     assert json.loads((project / "data/validated/rejected.jsonl").read_text())["failed"] == ["turn_length"]
-    metrics = json.loads((project / "reports/validation/metrics.json").read_text())
+    metrics = json.loads((project / "reports/validation/report.json").read_text())
     assert metrics["gate_passed"] is True and metrics["accepted"] == 6
     assert (project / "reports/validation/data_docs/index.html").is_file()
     run, artifacts = _mlflow_run(project)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["accepted"] == 6 and run.data.metrics["checks.turn_length.failed"] == 1
     assert run.data.params["validate.input"] == "data/selfchat/transcripts.jsonl"
-    assert {"validation/metrics.json", "validation/stats.json", "validation/rejected.jsonl",
+    assert {"validation/metrics.json", "validation/report.json", "validation/stats.json", "validation/rejected.jsonl",
             "validation/data_docs"} <= artifacts
-    # No models/base here: lengths in words, and said so. All statistics in MLflow, the headline in metrics.json.
+    # No models/base here: lengths in words, and said so. All statistics in MLflow, the headline ones in report.json.
     stats = json.loads((project / "reports/validation/stats.json").read_text())
     assert stats["length_unit"] == "words" and metrics["stats"]["dialogues"] == 6
     assert "stats (words (no tokenizer in models/base)): accepted: 6 dialogues" in result.output
@@ -711,7 +713,7 @@ def test_gate_exits_non_zero_after_writing_everything(tmp_path, monkeypatch):
     # Everything is on disk for the user to look at.
     assert len((project / "data/validated/transcripts.jsonl").read_text().splitlines()) == 3
     assert len((project / "data/validated/rejected.jsonl").read_text().splitlines()) == 6
-    metrics = json.loads((project / "reports/validation/metrics.json").read_text())
+    metrics = json.loads((project / "reports/validation/report.json").read_text())
     assert metrics["gate_passed"] is False and metrics["pass_rate"] == pytest.approx(3 / 9, abs=1e-6)
     assert (project / "reports/validation/data_docs/index.html").is_file()
     run, artifacts = _mlflow_run(project)
@@ -820,3 +822,17 @@ def test_opening_with_the_seed_is_not_an_echo():
     report = validate(records, P)
     echo = next(r for r in report.checks if r.check.name == "seed_echo_rate")
     assert echo.observed == 0.0 and report.gate_passed
+
+
+def test_an_input_that_neither_dvc_nor_git_tracks_is_warned_about(tmp_path, monkeypatch):
+    # `baize import` output used as validate.input: `dvc push` shares it only once `dvc add` tracks it.
+    project = _project(tmp_path, clean_set(3))
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    result = _run_stage(project, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "warning: validate.input data/selfchat/transcripts.jsonl is tracked by neither DVC nor git" in result.output
+    assert "dvc add data/selfchat/transcripts.jsonl" in result.output
+    (project / "data/selfchat/transcripts.jsonl.dvc").write_text("outs: []\n")  # what `dvc add` leaves
+    result = _run_stage(project, monkeypatch)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
