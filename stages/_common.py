@@ -164,5 +164,78 @@ def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def untracked(path: str | Path) -> bool:
+    """True for a file that no stage writes and neither a .dvc file nor git tracks: `dvc push` and `git push`
+    would not share it, so a clone could not reproduce the stage that reads it."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8")) or {}
+    except OSError:
+        return False
+    outs = {
+        Path(out if isinstance(out, str) else next(iter(out)))
+        for entry in (spec.get("stages") or {}).values()
+        for key in ("outs", "metrics", "plots")
+        for out in entry.get(key, [])
+    }
+    for candidate in (path, *path.parents):
+        if candidate in outs or (candidate.name and candidate.with_name(candidate.name + ".dvc").is_file()):
+            return False
+    try:
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(path)], capture_output=True, timeout=10
+        ).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False  # no git: nothing to say
+    return not tracked
+
+
+def write_reports(metrics_path: str | Path, *, headline: dict | None, report: dict, run: dict | None = None) -> dict:
+    """A stage's numbers in three files beside each other, by who reads them; returns their paths.
+
+    - metrics.json: the headline (a DVC metric: `dvc metrics show`, `dvc exp show`), a few flat names without
+      `.` or `/`, unique across stages, floats to 3 decimals: the README's `dvc exp show --drop '.*[./]'` keeps
+      exactly these columns, and they fit 120 columns.
+    - report.json: every detail that the inputs decide (a DVC output in git, not a metric).
+    - run.json: what differs from run to run with the same inputs (wall-clock seconds, throughput, journal reuse,
+      resumes): git-ignored and no DVC output, else `dvc.lock` would change with the clock; also in MLflow.
+
+    Stages whose numbers are not compared across experiments (seed, the SDF steps) pass `headline=None`: no
+    metrics.json, so `dvc exp show` stays within 120 columns.
+    """
+    metrics_path = Path(metrics_path)
+    paths = {"report": metrics_path.with_name("report.json")}
+    write_json(paths["report"], report)
+    if run is not None:
+        paths["run"] = metrics_path.with_name("run.json")
+        write_json(paths["run"], run)
+    if headline is None:
+        return paths
+    bad = [k for k, v in headline.items() if "." in k or "/" in k or isinstance(v, dict)]
+    if bad:
+        raise ValueError(f"headline metrics must be flat names without '.' or '/': {bad}")
+    # Three decimals: `dvc exp show` must fit 120 columns (full precision is in report.json and MLflow).
+    headline = {k: round(v, 3) if isinstance(v, float) else v for k, v in headline.items()}
+    paths["metrics"] = metrics_path
+    write_json(metrics_path, headline)
+    return paths
+
+
+def split_keys(metrics: dict, run_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """(deterministic detail, run-to-run part) of a stage's metrics dict: `run_keys` go to run.json."""
+    return (
+        {k: v for k, v in metrics.items() if k not in run_keys},
+        {k: v for k, v in metrics.items() if k in run_keys},
+    )
+
+
+def adapter_run(adapter_dir: Path, experiment: str, stage: str = "train") -> str | None:
+    """The newest `stage` run that wrote an adapter with exactly this content (its runs are tagged with the
+    folder's digest); None for an adapter made elsewhere (another clone, another MLflow store). Adapter folders
+    carry no run ids: they are DVC outputs whose hash the inputs alone decide."""
+    uri = tracking.default_tracking_uri(project_root())
+    return tracking.find_run_by_tag(uri, experiment, stage, tracking.ADAPTER_TAG, tracking.folder_sha256(adapter_dir))
+
+
 # Every stage command is wrapped in this: one line and the error's exit status (2 for params).
 entrypoint = one_line_errors

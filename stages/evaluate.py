@@ -2,10 +2,11 @@
 and a fixed prompt set, in one run on one loaded model.
 
 Outputs: reports/eval/samples.jsonl (one row per prompt with every model's answer), reports/eval/metrics.json (the
-headline figures, for `dvc metrics show/diff`), reports/eval/details.json (the judge's per-category scores and
-every judgment), reports/eval/report.md (one table per comparison), and one MLflow run with the metrics and the
-samples and judgments as tables, tagged with the run that trained the adapter (`baize.train_run_id`, read from
-models/adapter/baize_adapter.json) and, with v2, the SDF training run (`baize.sdf_train_run_id`).
+headline, for `dvc metrics show` / `dvc exp show`), report.json (every figure), details.json (the judge's
+per-category scores and every judgment), report.md (one table per comparison), run.json (seconds, untracked), and
+one MLflow run with the metrics and the samples and judgments as tables, tagged with the run that trained the
+adapter (`baize.train_run_id`) and, with v2, the SDF training run (`baize.sdf_train_run_id`): the runs tagged with
+these adapters' digests.
 
 Models: `base` (adapters off, Baize's prompt), `base_chat` (the base with its own chat template), `adapter` (v1.5)
 and `v2` (the stacked SDF adapter). Every model answers the same prompts with the same sampling seeds.
@@ -26,17 +27,25 @@ from baize.errors import BaizeError
 from baize.transcript import atomic_write_text
 from stages import _common
 
-ADAPTER_META = "baize_adapter.json"
-
-
-def _train_run_id(adapter_dir: Path) -> str | None:
-    meta = adapter_dir / ADAPTER_META
-    if not meta.is_file():
-        return None
-    try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("mlflow_run_id")
-    except (json.JSONDecodeError, AttributeError):
-        raise BaizeError(f"{meta}: not a JSON object") from None
+def headline(metrics: dict) -> dict:
+    """The numbers `dvc exp show` compares: validation perplexity and the share of answers that stop by themselves,
+    for base, v1.5 and v2 side by side (the base's rates and base_chat are in report.json), the highest role-leak
+    rate of v1.5 and v2; the judge's relative scores and v2's pairwise win rate when the judge ran."""
+    ppl, gen = metrics["perplexity"], metrics["generation"]
+    out = {"ppl_base": ppl["base"], "ppl": ppl["adapter"]}
+    if "v2" in ppl:
+        out["ppl_v2"] = ppl["v2"]
+    out["stop"] = gen["adapter"].get("stop_rate")
+    if "v2" in gen:
+        out["stop_v2"] = gen["v2"].get("stop_rate")
+    # One column for both tuned models (the target is 0 for each; each one's rate is in report.json).
+    out["leak"] = max(gen[m].get("role_leak_rate") or 0.0 for m in ("adapter", "v2") if m in gen)
+    for name, key in (("base", "rel_base"), ("adapter", "rel"), ("v2", "rel_v2")):
+        if name in (metrics.get("judge") or {}):
+            out[key] = metrics["judge"][name]["relative_score_pct"]
+    if "v2_vs_adapter" in (metrics.get("pairwise") or {}):
+        out["win_v2"] = metrics["pairwise"]["v2_vs_adapter"]["win_rate"]
+    return out
 
 
 def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict], models: list[str],
@@ -191,7 +200,8 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
     answers = evaluation.generate_answers(
         model, tokenizer, prompts, which=which, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
         top_p=params.top_p, batch_size=params.batch_size, seed=params.seed,
-        max_context_tokens=params.max_context_tokens, chat_tokenizer=inference.load_tokenizer(model_dir),
+        max_context_tokens=params.max_context_tokens, prompt_format=params.prompt_format,
+        chat_tokenizer=inference.load_tokenizer(model_dir),
     )
     samples = evaluation.sample_rows(prompts, answers)
     metrics: dict = {
@@ -214,11 +224,11 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
         }
     if params.lm_eval_tasks:
         metrics["lm_eval"] = evaluation.run_lm_eval(model_dir, adapter_dir, params.lm_eval_tasks, params.lm_eval_limit)
-    metrics["wall_s"] = round(time.perf_counter() - started, 1)
+    timing: dict = {"wall_s": round(time.perf_counter() - started, 1)}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
-    _common.write_json(out_dir / "metrics.json", metrics)
+    paths = _common.write_reports(out_dir / "metrics.json", headline=headline(metrics), report=metrics, run=timing)
     _common.write_json(out_dir / "details.json", {
         "by_category": {name: j["by_category"] for name, j in details.get("single", {}).items()},
         "judgments": {name: j["rows"] for name, j in details.get("single", {}).items()},
@@ -226,7 +236,8 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
     })
     atomic_write_text(out_dir / "report.md", _report(metrics, which))
 
-    train_run = _train_run_id(adapter_dir)
+    train_run = _common.adapter_run(adapter_dir, tracking.experiment)
+    sdf_run = _common.adapter_run(adapter_v2, tracking.experiment, "sdf_train") if use_v2 else None
     with _common.mlflow_run("evaluate", tracking, ("evaluate",)) as run:
         import mlflow
 
@@ -235,10 +246,10 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
         tags = {"baize.adapter": str(adapter)}
         if train_run:
             tags["baize.train_run_id"] = train_run  # the link from this evaluation to the run that trained it
-        if use_v2 and _train_run_id(adapter_v2):
-            tags["baize.sdf_train_run_id"] = _train_run_id(adapter_v2)
+        if sdf_run:
+            tags["baize.sdf_train_run_id"] = sdf_run
         mlflow.set_tags(tags)
-        log_metrics(metrics)
+        log_metrics({**metrics, **timing})
         mlflow.log_table(data=evaluation.flat_table(samples), artifact_file="eval/samples.json")
         for name, j in details.get("single", {}).items():
             mlflow.log_table(data=evaluation.flat_table(j["rows"]), artifact_file=f"eval/judge_{name}.json")
@@ -246,7 +257,8 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
             mlflow.log_table(data=evaluation.flat_table(p["rows"]), artifact_file=f"eval/pairwise_{key}.json")
         mlflow.log_text(_report(metrics, which), "eval/report.md")
         if tracking.log_artifacts:
-            mlflow.log_artifact(str(out_dir / "metrics.json"), artifact_path="eval")
+            for path in paths.values():
+                mlflow.log_artifact(str(path), artifact_path="eval")
         click.echo(
             f"reports/eval: perplexity base {ppl['base']:.3f} -> adapter {ppl['adapter']:.3f} "
             f"({ppl['drop_pct']:.1f}% lower) over {ppl['tokens']} AI-turn tokens; "

@@ -4,7 +4,7 @@ kept (ties: the earlier sample) as a one-round Baize transcript for the `sdf_tra
     python -m stages.sdf_judge --samples data/sdf/samples.jsonl --model models/base --out data/sdf
 
 Writes <out>/judged.jsonl (every sample with its score, the judge's rationale and raw reply, or the failure and its
-reason), <out>/best.jsonl (transcripts), reports/sdf_judge/metrics.json (scores, ties, failures, tokens, cost) and
+reason), <out>/best.jsonl (transcripts), reports/sdf_judge/report.json (scores, ties, failures, tokens, cost) and
 one MLflow run. Judgments are journaled in <out>/judge_journal.jsonl (a `persist` out), keyed by judge model,
 endpoint and prompt: a re-run pays for nothing twice.
 """
@@ -22,7 +22,6 @@ from baize import judge, sdf
 from baize.selfchat.journal import Journal
 from baize.transcript import write_jsonl
 from stages import _common
-from stages.sdf_sample import train_run_id
 
 _PATH = click.Path(path_type=Path)
 
@@ -56,7 +55,7 @@ async def _judge(backend, journal_path: Path, items, **kwargs):
 @click.option("--adapter", "adapter_dir", default="models/adapter", show_default=True, type=_PATH,
               help="Only read for the link to its training run in MLflow.")
 @click.option("--out", "out_dir", default="data/sdf", show_default=True, type=_PATH)
-@click.option("--metrics", "metrics_path", default="reports/sdf_judge/metrics.json", show_default=True, type=_PATH)
+@click.option("--report", "metrics_path", default="reports/sdf_judge/report.json", show_default=True, type=_PATH)
 @_common.entrypoint
 def main(samples_path: Path, model_dir: Path, adapter_dir: Path, out_dir: Path, metrics_path: Path) -> None:
     params, tracking = _common.load("sdf_judge", "tracking")
@@ -105,31 +104,33 @@ def main(samples_path: Path, model_dir: Path, adapter_dir: Path, out_dir: Path, 
         "cost_usd": (tokens_in * price.input_per_1m + tokens_out * price.output_per_1m) / 1e6 if price else 0.0,
         "judge": model_id,
         "prompt": params.prompt,
-        "wall_s": round(time.perf_counter() - started, 1),
     }
+    report, timing = _common.split_keys(metrics, ("requests", "from_journal"))
+    timing["wall_s"] = round(time.perf_counter() - started, 1)
     sdf.write_jsonl(out_dir / "judged.jsonl", records)
     write_jsonl(out_dir / "best.jsonl", sdf.best_transcripts(best, model_id))
-    _common.write_json(metrics_path, metrics)
+    paths = _common.write_reports(metrics_path, report=report, run=timing, headline=None)
     with _common.mlflow_run("sdf_judge", tracking, ("sdf_judge",)) as run:
         import mlflow
 
         from baize.evaluation import flat_table
         from baize.tracking import log_metrics
 
-        train_run = train_run_id(adapter_dir)
+        train_run = _common.adapter_run(adapter_dir, tracking.experiment)
         mlflow.set_tags({"baize.train_run_id": train_run} if train_run else {})
         mlflow.set_tags({"baize.sdf_judge.model": model_id, "baize.sdf_judge.prompt": params.prompt})
-        log_metrics(metrics)
+        log_metrics({**metrics, **timing})
         mlflow.log_table(data=flat_table(records), artifact_file="sdf/judged.json")
         if tracking.log_artifacts:
-            mlflow.log_artifact(str(metrics_path))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
             mlflow.log_artifact(str(out_dir / "best.jsonl"))
     mean = f"{metrics['score_mean']:.1f}" if metrics["score_mean"] is not None else "-"
     click.echo(
         f"{out_dir}/best.jsonl: best of {len(records)} answers for {metrics['kept']}/{metrics['prompts']} prompts "
         f"(mean score {mean}, {metrics['ties']} ties, {metrics['failures']} failures {metrics['failures_by_reason']}, "
         f"{metrics['dropped_all_failed']} prompts dropped; {metrics['requests']} judge calls, "
-        f"{metrics['from_journal']} from the journal), {metrics['wall_s']} s (mlflow run {run.info.run_id})"
+        f"{metrics['from_journal']} from the journal), {timing['wall_s']} s (mlflow run {run.info.run_id})"
     )
 
 

@@ -3,7 +3,7 @@
     python -m stages.sdf_sample --model models/base --adapter models/adapter --out data/sdf
 
 Writes <out>/prompts.jsonl (the questions: none the first adapter saw), <out>/samples.jsonl (one record per answer,
-prompt order then sample index), reports/sdf_sample/metrics.json and one MLflow run tagged with the training run
+prompt order then sample index), reports/sdf_sample/report.json and one MLflow run tagged with the training run
 of the adapter (`baize.train_run_id`). Every answer is journaled in <out>/sample_journal.jsonl (a `persist` out):
 after a kill -9, or on a re-run, nothing already sampled is sampled again.
 """
@@ -22,17 +22,6 @@ from baize.selfchat.journal import Journal
 from stages import _common
 
 _PATH = click.Path(path_type=Path)
-
-
-def train_run_id(adapter_dir: Path) -> str | None:
-    """The MLflow run that trained the adapter (its baize_adapter.json), to link the SDF runs to it."""
-    import json
-
-    meta = adapter_dir / inference.ADAPTER_META
-    try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("mlflow_run_id") if meta.is_file() else None
-    except (json.JSONDecodeError, AttributeError):
-        raise BaizeError(f"{meta}: not a JSON object") from None
 
 
 def local_model_id(model_dir: Path, adapter_dir: Path, dtype: str) -> str:
@@ -81,7 +70,7 @@ async def _sample(params, backend, journal_path: Path, requests, endpoint):
 @click.option("--transcripts", "transcripts_path", default="data/validated/transcripts.jsonl", show_default=True,
               type=_PATH, help="The first adapter's accepted transcripts: their questions are never SDF prompts.")
 @click.option("--out", "out_dir", default="data/sdf", show_default=True, type=_PATH)
-@click.option("--metrics", "metrics_path", default="reports/sdf_sample/metrics.json", show_default=True, type=_PATH)
+@click.option("--report", "metrics_path", default="reports/sdf_sample/report.json", show_default=True, type=_PATH)
 @_common.entrypoint
 def main(model_dir: Path, adapter_dir: Path, seeds_path: Path, transcripts_path: Path, out_dir: Path,
          metrics_path: Path) -> None:
@@ -105,28 +94,32 @@ def main(model_dir: Path, adapter_dir: Path, seeds_path: Path, transcripts_path:
     backend = make_backend(params, model_dir, adapter_dir)
     samples = asyncio.run(_sample(params, backend, out_dir / "sample_journal.jsonl", requests, endpoint))
 
-    metrics = {"prompts": prompt_metrics, **sdf.sample_metrics(samples), "model": model_id,
-               "wall_s": round(time.perf_counter() - started, 1)}
+    metrics = {"prompts": prompt_metrics, **sdf.sample_metrics(samples), "model": model_id}
+    # How many answers came from the journal depends on earlier runs, not on the inputs: run.json, not dvc.lock.
+    report, timing = _common.split_keys(metrics, ("sampled_now", "from_journal"))
+    timing["wall_s"] = round(time.perf_counter() - started, 1)
     sdf.write_jsonl(out_dir / "prompts.jsonl", prompts)
-    sdf.write_jsonl(out_dir / "samples.jsonl", samples)
-    _common.write_json(metrics_path, metrics)
+    # Without the `cached` flag: the file must be the same whether an answer was sampled now or journaled.
+    sdf.write_jsonl(out_dir / "samples.jsonl", [{k: v for k, v in s.items() if k != "cached"} for s in samples])
+    paths = _common.write_reports(metrics_path, report=report, run=timing, headline=None)
     with _common.mlflow_run("sdf_sample", tracking, ("sdf_sample",)) as run:
         import mlflow
 
         from baize.evaluation import flat_table
         from baize.tracking import log_metrics
 
-        train_run = train_run_id(adapter_dir)
+        train_run = _common.adapter_run(adapter_dir, tracking.experiment)
         mlflow.set_tags({"baize.train_run_id": train_run} if train_run else {})
-        log_metrics(metrics)
+        log_metrics({**metrics, **timing})
         mlflow.log_table(data=flat_table(samples), artifact_file="sdf/samples.json")
         if tracking.log_artifacts:
-            mlflow.log_artifact(str(metrics_path))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
     failed = f", {metrics['failed']} failed" if metrics["failed"] else ""
     click.echo(
         f"{out_dir}/samples.jsonl: {metrics['samples']} answers to {len(prompts)} prompts ({metrics['sampled_now']} "
         f"sampled now, {metrics['from_journal']} from the journal{failed}), stop rate {metrics['stop_rate'] or 0:.2f}, "
-        f"{metrics['wall_s']} s (mlflow run {run.info.run_id})"
+        f"{timing['wall_s']} s (mlflow run {run.info.run_id})"
     )
 
 

@@ -20,8 +20,7 @@ import click
 
 from baize.errors import ParamsError
 from stages import _common
-from stages.sdf_sample import train_run_id
-from stages.train import _log_inputs, _public_uri, _system_metrics
+from stages.train import RUN_KEYS, _log_inputs, _system_metrics
 
 _PATH = click.Path(path_type=Path)
 
@@ -61,42 +60,44 @@ def main(best_path: Path, data_dir: Path, model_dir: Path, adapter_dir: Path, to
                 values = {k: float(row[k]) for k in ("loss", "learning_rate", "eval_loss") if row[k] != ""}
                 if values:
                     mlflow.log_metrics(values, step=int(row["step"]))
-        first_run = train_run_id(adapter_dir)
+        first_run = _common.adapter_run(adapter_dir, tracking.experiment)
+        # No run ids in the folder (a DVC output); this run is tagged with its digest, as `train` is.
         meta = {
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_experiment_id": run.info.experiment_id,
-            "mlflow_tracking_uri": _public_uri(mlflow.get_tracking_uri()),
             "base_model_sha256": result.base_sha256,
             "stacked_on_sha256": result.data_digests["stack_on"],
-            "stacked_on_mlflow_run_id": first_run,
             "data_sha256": {k: result.data_digests[k] for k in ("train", "val")},
             "params": params.model_dump(mode="json"),
             "method": "sdf",
         }
         training.save_adapter(result.model, result.tokenizer, out_dir, meta, stack_on=adapter_dir)
-        metrics = {**result.metrics, "data": data_metrics, "wall_s": round(time.perf_counter() - started, 1)}
-        _common.write_json(reports_dir / "metrics.json", metrics)
+        m = result.metrics
+        report, timing = _common.split_keys({**m, "data": data_metrics}, RUN_KEYS)
+        timing["wall_s"] = round(time.perf_counter() - started, 1)
+        paths = _common.write_reports(reports_dir / "metrics.json", report=report, run=timing, headline=None)
         training.write_steps_csv(reports_dir / "steps.csv", result.steps)
 
-        tags = {"baize.base.sha256": result.base_sha256, "baize.train.fingerprint": result.data_digests["fingerprint"],
+        from baize.tracking import ADAPTER_TAG, folder_sha256
+
+        tags = {ADAPTER_TAG: folder_sha256(out_dir), "baize.base.sha256": result.base_sha256, "baize.train.fingerprint": result.data_digests["fingerprint"],
                 "baize.train.mixed_precision": result.metrics["mixed_precision"]}
         if first_run:
             tags["baize.train_run_id"] = first_run  # the v1.5 run this one started from
         mlflow.set_tags(tags)
         from baize.tracking import log_metrics
 
-        log_metrics(metrics)
+        log_metrics({**report, **timing})
         _log_inputs(tokenized_dir, result.data_digests)
         if tracking.log_artifacts:
             mlflow.log_artifacts(str(out_dir), artifact_path="adapter")
             mlflow.log_artifact(str(reports_dir / "steps.csv"))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
         training.remove_stale_runs(checkpoints_dir, keep="")
-        m = result.metrics
         resumed = f", resumed from step {m['resumed_from_step']}" if m["resumed_from_step"] else ""
         click.echo(
             f"{out_dir}: SDF LoRA on {data_metrics['samples']} best answers, {m['steps']} steps{resumed}, final "
             f"train loss {m['final_train_loss']}, val perplexity {m['eval_perplexity']} (v1.5 "
-            f"{m['base_eval_perplexity']}), {metrics['wall_s']} s "
+            f"{m['base_eval_perplexity']}), {timing['wall_s']} s "
             f"(mlflow run {run.info.run_id})"
         )
 

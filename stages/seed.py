@@ -2,7 +2,7 @@
 
 Loads every source, normalizes whitespace, drops empty/short/long seeds and exact and near duplicates,
 filters by domain and samples `num_seeds` by weight with a fixed key. Writes the seeds atomically, the
-counts to reports/seed/metrics.json, and one MLflow run with both.
+counts to reports/seed/report.json (no headline metric: the count is a param), and one MLflow run with all.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _mlflow_safe(metrics: dict) -> dict:
 
 @click.command()
 @click.option("--out", "out_path", default="data/seeds/seeds.jsonl", show_default=True, type=click.Path(path_type=Path))
-@click.option("--metrics", "metrics_path", default="reports/seed/metrics.json", show_default=True,
+@click.option("--report", "metrics_path", default="reports/seed/report.json", show_default=True,
               type=click.Path(path_type=Path))
 @_common.entrypoint
 def main(out_path: Path, metrics_path: Path) -> None:
@@ -54,14 +54,16 @@ def main(out_path: Path, metrics_path: Path) -> None:
             file=sys.stderr,
         )
     write_seeds(out_path, result.seeds)
-    _common.write_json(metrics_path, metrics)
+    report, timing = _common.split_keys(metrics, ("seconds",))
+    paths = _common.write_reports(metrics_path, headline=None, report=report, run=timing)
     with _common.mlflow_run("seed", tracking, ("seed",)) as run:
         import mlflow
 
         tracking_lib.log_metrics(_mlflow_safe(metrics))
         if tracking.log_artifacts:
             mlflow.log_artifact(str(out_path))
-            mlflow.log_artifact(str(metrics_path))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
         by_domain = ", ".join(f"{k} {v}" for k, v in metrics["sampled"]["by_domain"].items())
         click.echo(f"{out_path}: {len(result.seeds)} seeds ({by_domain}) (mlflow run {run.info.run_id})")
 

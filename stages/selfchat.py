@@ -140,6 +140,9 @@ async def run(params, seeds: list[Seed], model_dir: Path, journal_path: Path, pr
             await close()
 
 
+RUN_KEYS = ("new", "replies_from_journal", "requests", "retries", "errors_by_kind", "wall_s", "transcripts_per_min")
+
+
 @click.command()
 @click.option("--seeds", "seeds_path", default="data/seeds/seeds.jsonl", show_default=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
@@ -159,7 +162,11 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
     atomic_write_text(
         out_dir / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in result.failures)
     )
-    _common.write_json(metrics_path, result.metrics)
+    # What a re-run with the same inputs changes (time, the journal's share, retries) goes to run.json, untracked.
+    report, journal_use = _common.split_keys(result.metrics, RUN_KEYS)
+    paths = _common.write_reports(
+        metrics_path, headline={"chats": result.metrics["transcripts"]}, report=report, run=journal_use
+    )
 
     with _common.mlflow_run("selfchat", tracking, ("selfchat",)) as mlrun:
         import mlflow
@@ -171,7 +178,8 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
         if tracking.log_artifacts:
             mlflow.log_artifact(str(out_dir / "transcripts.jsonl"))
             mlflow.log_artifact(str(out_dir / "failures.jsonl"))
-            mlflow.log_artifact(str(metrics_path))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
         run_id = mlrun.info.run_id
 
     m = result.metrics

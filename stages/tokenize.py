@@ -1,4 +1,5 @@
-"""Stage `tokenize`: validated transcripts -> data/tokenized/{train,val,tokenizer} and reports/tokenize/metrics.json.
+"""Stage `tokenize`: validated transcripts -> data/tokenized/{train,val,tokenizer}, reports/tokenize/metrics.json
+(trained tokens) and report.json (every count).
 
     python -m stages.tokenize --transcripts data/validated/transcripts.jsonl --model models/base --out data/tokenized
 """
@@ -33,7 +34,8 @@ def main(transcripts: Path, model_dir: Path, out_dir: Path, metrics_path: Path) 
         seed=params.random_seed,
         keep_truncated=params.keep_truncated,
     )
-    _common.write_json(metrics_path, metrics)
+    # Headline: the tokens the loss is computed on in the training split (what one epoch trains).
+    paths = _common.write_reports(metrics_path, headline={"tokens": metrics["trained_tokens"]["train"]}, report=metrics)
     with _common.mlflow_run("tokenize", tracking, ("tokenize",)) as run:
         import mlflow
 
@@ -41,7 +43,8 @@ def main(transcripts: Path, model_dir: Path, out_dir: Path, metrics_path: Path) 
 
         baize_tracking.log_metrics(metrics)
         if tracking.log_artifacts:
-            mlflow.log_artifact(str(metrics_path))
+            mlflow.log_artifact(str(paths["metrics"]))
+            mlflow.log_artifact(str(paths["report"]))
             mlflow.log_artifact(str(out_dir / "info.json"))
         s = metrics["samples"]
         click.echo(

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -51,17 +50,6 @@ def _is_launched_worker() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _public_uri(uri: str) -> str:
-    """A tracking URI without user:password@ (it goes into a file that DVC versions)."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=host))
-    return uri
-
-
 @contextlib.contextmanager
 def _system_metrics(run_id: str):
     """CPU/memory/disk (and GPU when present) sampled into the run while training runs."""
@@ -86,6 +74,10 @@ def _log_inputs(data_dir: Path, digests: dict[str, str]) -> None:
         ds = load_from_disk(str(data_dir / split))
         dataset = mlflow.data.from_huggingface(ds, name=f"tokenized-{split}", digest=digests[split][:16])
         mlflow.log_input(dataset, context=context)
+
+
+# Wall-clock, throughput, memory and whether a crash was resumed: run.json (untracked) and MLflow, not dvc.lock.
+RUN_KEYS = ("trained_tokens_per_s", "train_runtime_s", "total_runtime_s", "peak_rss_mb", "resumed_from_step")
 
 
 @click.command()
@@ -125,19 +117,24 @@ def main(data_dir: Path, model_dir: Path, out_dir: Path, checkpoints_dir: Path, 
                 values = {k: float(row[k]) for k in ("loss", "learning_rate", "eval_loss") if row[k] != ""}
                 if values:
                     mlflow.log_metrics(values, step=int(row["step"]))
+        # No run id, tracking URI or time in the adapter (a DVC output: its hash must be what the inputs decide);
+        # the run is tagged with the adapter's digest instead, and `evaluate` finds it by that.
         meta = {
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_experiment_id": run.info.experiment_id,
-            "mlflow_tracking_uri": _public_uri(mlflow.get_tracking_uri()),
             "base_model_sha256": result.base_sha256,
             "data_sha256": {k: result.data_digests[k] for k in ("train", "val")},
             "params": params.model_dump(mode="json"),
         }
         training.save_adapter(result.model, result.tokenizer, out_dir, meta)
-        _common.write_json(reports_dir / "metrics.json", result.metrics)
+        m = result.metrics
+        report, timing = _common.split_keys(m, RUN_KEYS)
+        headline = {"loss": m["train_loss"], "val_loss": m["eval_loss"]}
+        paths = _common.write_reports(reports_dir / "metrics.json", headline=headline, report=report, run=timing)
         training.write_steps_csv(reports_dir / "steps.csv", result.steps)
 
+        from baize.tracking import ADAPTER_TAG, folder_sha256
+
         mlflow.set_tags({
+            ADAPTER_TAG: folder_sha256(out_dir),
             "baize.base.sha256": result.base_sha256,
             "baize.train.fingerprint": result.data_digests["fingerprint"],
             "baize.train.mixed_precision": result.metrics["mixed_precision"],
@@ -149,9 +146,10 @@ def main(data_dir: Path, model_dir: Path, out_dir: Path, checkpoints_dir: Path, 
         if tracking.log_artifacts:
             mlflow.log_artifacts(str(out_dir), artifact_path="adapter")
             mlflow.log_artifact(str(reports_dir / "steps.csv"))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
         # Finished: the checkpoints can never be resumed again (the next run with these inputs is a no-op for DVC).
         training.remove_stale_runs(checkpoints_dir, keep="")
-        m = result.metrics
         resumed = f", resumed from step {m['resumed_from_step']}" if m["resumed_from_step"] else ""
         click.echo(
             f"models/adapter: {m['steps']} steps{resumed}, eval perplexity {m['eval_perplexity']} "

@@ -1,7 +1,7 @@
 """Stage `validate`: the great-expectations quality gate over `validate.input`.
 
-Writes accepted transcripts, rejected records (each with the checks it failed), metrics (small: the
-per-check entries and the headline statistics, for `dvc metrics show`), the full statistics
+Writes accepted transcripts, rejected records (each with the checks it failed), the pass rate (metrics.json,
+for `dvc metrics show`), the counts, per-check entries and headline statistics (report.json), the full statistics
 (`stats.json`: the paper's Table 2 figures and the warning figures, for the accepted records and the whole
 input, lengths in the base model's tokens) and the GX Data Docs site, logs them to MLflow, and only then
 exits non-zero if the gate fails, so nothing is lost.
@@ -39,6 +39,12 @@ def main(out_dir: Path, report_dir: Path, model_dir: Path) -> None:
     check_params(params)  # bad regex or crossed bounds: exit 2 before reading anything
     lengths = length_counter(model_dir)
     transcripts, fmt = load_transcripts(params.input, params.input_format)
+    if _common.untracked(params.input):
+        click.echo(
+            f"warning: validate.input {params.input} is tracked by neither DVC nor git, so a clone cannot reproduce "
+            f"this stage; run `dvc add {params.input}`, commit its .dvc file and `dvc push`",
+            err=True,
+        )
     docs_dir = report_dir / DOCS_SUBDIR
     report = validate(transcripts, params, docs_dir=docs_dir, lengths=lengths)
     paths = write_outputs(report, out_dir, report_dir)
@@ -54,6 +60,7 @@ def main(out_dir: Path, report_dir: Path, model_dir: Path) -> None:
         baize_tracking.log_metrics({"stats": {"accepted": report.stats["accepted"], "input": report.stats["input"]}})
         if tracking.log_artifacts:
             mlflow.log_artifact(str(paths["metrics"]), "validation")
+            mlflow.log_artifact(str(paths["report"]), "validation")
             mlflow.log_artifact(str(paths["stats"]), "validation")
             mlflow.log_artifact(str(paths["rejected"]), "validation")
             mlflow.log_artifacts(str(docs_dir), "validation/data_docs")

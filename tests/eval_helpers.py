@@ -87,7 +87,7 @@ def build(base_dir: Path, out: Path, steps: int = 12) -> None:
     model.save_pretrained(str(adapter), safe_serialization=True)
     set_baize_chat_template(tok)
     tok.save_pretrained(str(adapter))
-    (adapter / "baize_adapter.json").write_text(json.dumps({"mlflow_run_id": None, "params": {"steps": steps}}))
+    (adapter / "baize_adapter.json").write_text(json.dumps({"params": {"steps": steps}}))
     datasets.Dataset.from_dict(_tokenized(tok, val)).save_to_disk(str(tmp / "tokenized" / "val"))
     datasets.Dataset.from_dict(train_cols).save_to_disk(str(tmp / "tokenized" / "train"))
     shutil.rmtree(out, ignore_errors=True)

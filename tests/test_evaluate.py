@@ -32,25 +32,43 @@ def tiny(base_model_dir) -> Path:
 # --------------------------------------------------------------------------- prompt and truncation
 
 
-def test_prompt_is_baize_inference_prompt():
+def test_paper_prompt_is_baize_demo_prompt():
     assert BAIZE_SYSTEM_PROMPT.startswith("The following is a conversation between a human and an AI assistant named Baize")
     assert BAIZE_SYSTEM_PROMPT.endswith("[|Human|]Hello!\n[|AI|]Hi!")
-    p = inference.build_prompt("Why?", [("Hi", "Hello"), ("Q2", "A2")])
+    p = inference.build_prompt("Why?", [("Hi", "Hello"), ("Q2", "A2")], prompt_format="paper")
     assert p == BAIZE_SYSTEM_PROMPT + "\n[|Human|]Hi\n[|AI|]Hello\n[|Human|]Q2\n[|AI|]A2\n[|Human|]Why?\n[|AI|]"
 
 
-def test_truncation_drops_oldest_turns(tokenizer):
+def test_training_prompt_is_what_the_adapter_chat_template_renders(tokenizer):
+    from baize.chat_template import set_baize_chat_template
+
+    history = [("Hi", "Hello"), ("Q2", "A2")]
+    p = inference.build_prompt("Why?", history)  # the default format
+    assert p == "The conversation between human and AI assistant.\n[|Human|] Hi\n[|AI|] Hello\n[|Human|] Q2\n[|AI|] A2\n[|Human|] Why?\n[|AI|]"
+    messages = [m for h, a in history for m in ({"role": "user", "content": h}, {"role": "assistant", "content": a})]
+    messages.append({"role": "user", "content": "Why?"})
+    templated = set_baize_chat_template(tokenizer).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert p == templated
+    with pytest.raises(inference.BaizeError, match="prompt format 'chatml'"):
+        inference.build_prompt("Why?", prompt_format="chatml")
+
+
+@pytest.mark.parametrize("prompt_format", ["training", "paper"])
+def test_truncation_drops_oldest_turns(tokenizer, prompt_format):
     history = [(f"question number {i} " + "word " * 20, f"answer number {i} " + "word " * 20) for i in range(6)]
-    base = inference.count_tokens(tokenizer, inference.build_prompt("Last?"))
-    pair = inference.count_tokens(tokenizer, inference.format_turn(*history[-1]))
+    base = inference.count_tokens(tokenizer, inference.build_prompt("Last?", prompt_format=prompt_format))
+    pair = inference.count_tokens(tokenizer, inference.format_turn(*history[-1], prompt_format=prompt_format))
     budget = base + 2 * pair + 2  # room for about two pairs
-    p = inference.build_prompt("Last?", history, tokenizer, budget)
+    p = inference.build_prompt("Last?", history, tokenizer, budget, prompt_format)
     assert inference.count_tokens(tokenizer, p) <= budget
     assert "question number 5" in p and "question number 4" in p
     assert "question number 3" not in p and "question number 0" not in p
-    assert p.endswith("\n[|Human|]Last?\n[|AI|]") and p.startswith(BAIZE_SYSTEM_PROMPT)
+    if prompt_format == "paper":
+        assert p.endswith("\n[|Human|]Last?\n[|AI|]") and p.startswith(BAIZE_SYSTEM_PROMPT)
+    else:
+        assert p.endswith("\n[|Human|] Last?\n[|AI|]") and p.startswith("The conversation between human and AI assistant.\n[|Human|] question number 4")
     with pytest.raises(inference.PromptTooLongError, match="context budget"):
-        inference.build_prompt("Last?", history, tokenizer, base - 1)
+        inference.build_prompt("Last?", history, tokenizer, base - 1, prompt_format)
 
 
 def test_cut_at_stop_and_hold_back():
@@ -187,22 +205,34 @@ def _run_stage(proj: Path, tiny: Path, base_model_dir: Path, adapter=None, timeo
 def test_stage_writes_metrics_samples_and_mlflow(tmp_path, tiny, base_model_dir, mlflow_uri):
     import mlflow
 
-    # A real "train" run to link to, as the train stage records it in baize_adapter.json.
-    mlflow.set_tracking_uri(mlflow_uri)
-    exp = mlflow.MlflowClient(mlflow_uri).create_experiment("evaltest", artifact_location=(tmp_path / "art").as_uri())
-    with mlflow.start_run(experiment_id=exp, run_name="train") as train_run:
-        pass
+    from baize.tracking import ADAPTER_TAG, folder_sha256
+
     adapter = tmp_path / "adapter"
     import shutil
 
     shutil.copytree(tiny / "adapter", adapter)
-    (adapter / "baize_adapter.json").write_text(json.dumps({"mlflow_run_id": train_run.info.run_id}))
+    # Real "train" runs to link to, tagged with the digest of the adapter they wrote as the train stage tags
+    # them (the adapter holds no run id): the one that wrote this adapter, and a newer one that wrote another.
+    mlflow.set_tracking_uri(mlflow_uri)
+    exp = mlflow.MlflowClient(mlflow_uri).create_experiment("evaltest", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=exp, run_name="train",
+                          tags={"baize.stage": "train", ADAPTER_TAG: folder_sha256(adapter)}) as train_run:
+        pass
+    with mlflow.start_run(experiment_id=exp, run_name="train", tags={"baize.stage": "train", ADAPTER_TAG: "0" * 64}):
+        pass
 
     proj = _project(tmp_path, tiny, base_model_dir)
     res = _run_stage(proj, tiny, base_model_dir, adapter)
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((proj / "reports/eval/metrics.json").read_text())
+    metrics = json.loads((proj / "reports/eval/report.json").read_text())
     assert metrics["perplexity"]["adapter"] < metrics["perplexity"]["base"]
+    # The headline for `dvc exp show`; the seconds only in the untracked run.json.
+    headline = {
+        "ppl_base": metrics["perplexity"]["base"], "ppl": metrics["perplexity"]["adapter"],
+        "stop": metrics["generation"]["adapter"]["stop_rate"], "leak": metrics["generation"]["adapter"]["role_leak_rate"],
+    }
+    assert json.loads((proj / "reports/eval/metrics.json").read_text()) == {k: round(v, 3) for k, v in headline.items()}
+    assert "wall_s" not in metrics and json.loads((proj / "reports/eval/run.json").read_text())["wall_s"] > 0
     assert set(metrics["generation"]) == {"base", "base_chat", "adapter"}  # no v2 adapter given: no v2 row
     assert metrics["generation"]["adapter"]["count"] == 3
     samples = [json.loads(line) for line in (proj / "reports/eval/samples.jsonl").read_text().splitlines()]

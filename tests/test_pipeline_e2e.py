@@ -1,7 +1,12 @@
 """End to end: `dvc repro` of the micro profile in a fresh git repo, through every stage, offline.
 
-Then: the outputs, dvc.lock and the MLflow runs are checked; a second `dvc repro` does nothing; `dvc push`
-and a `dvc pull` into a fresh clone restore the data and models; `dvc exp run --temp` logs to the root store.
+Then: the outputs, dvc.lock and the MLflow runs are checked; a second `dvc repro` does nothing; a colleague's
+path: `dvc push`, `git clone`, `make setup`, `dvc pull`, and `dvc repro` has nothing to do and leaves dvc.lock
+as it was; a from-scratch `dvc repro --force` in that clone (another path, another virtual environment) writes
+the same dvc.lock again; `dvc exp run --temp` logs to the root store; the README's `dvc exp show` recipe shows
+every headline metric in 120 columns; the README's `dvc plots diff` draws the training curves
+with no network and leaves nothing for git to add. Python writes bytecode throughout (PYTHONDONTWRITEBYTECODE unset), as it
+does by default on a user's machine.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser import count_color, needs_browser, screenshot
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -60,7 +66,11 @@ def pipeline(tmp_path_factory):
             path = repo / (item if isinstance(item, str) else next(iter(item)))
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     shutil.copy(repo / "profiles" / "micro.yaml", repo / "params.yaml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "BAIZE_", "DVC_"))}
+    # Without PYTHONDONTWRITEBYTECODE: importing the code must not change the code folders that stages depend on.
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "BAIZE_", "DVC_")) and k != "PYTHONDONTWRITEBYTECODE"
+    }
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
@@ -71,7 +81,8 @@ def pipeline(tmp_path_factory):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "micro profile"], repo, env)
     started = time.monotonic()
-    repro = _run(["dvc", "repro"], repo, env, timeout=3000)  # a guard only: a loaded 2-core machine needs room
+    # At a load average of 10 from other jobs on 2 cores this took 13 minutes, and once over 20.
+    repro = _run(["dvc", "repro"], repo, env, timeout=3000)
     elapsed = time.monotonic() - started
     print(f"dvc repro (micro profile): {elapsed:.0f} s")
     return {"repo": repo, "work": work, "env": env, "repro": repro}
@@ -143,26 +154,62 @@ def test_second_repro_does_nothing(pipeline):
     print(f"no-op dvc repro: {elapsed:.1f} s")
 
 
-def test_push_then_pull_in_a_fresh_clone(pipeline):
+@pytest.fixture(scope="module")
+def clone(pipeline):
+    """What a colleague does: `git clone` of the pushed commit, `make setup`, `dvc pull`, with their own .venv."""
     repo, work, env = pipeline["repo"], pipeline["work"], pipeline["env"]
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "pipeline outputs"], repo, env)
     _run(["dvc", "push"], repo, env)
-    clone = work / "clone"
-    _run(["git", "clone", "-q", str(repo), str(clone)], work, env)
-    _run(["dvc", "remote", "modify", "--local", "local", "url", str(work / "remote")], clone, env)
-    assert not (clone / "models" / "base").exists()
-    _run(["dvc", "pull"], clone, env)
-    source = json.loads((clone / "models" / "base" / "source.json").read_text())
+    path = work / "clone"
+    _run(["git", "clone", "-q", str(repo), str(path)], work, env)
+    # The clone's own environment: nothing of this test's virtual environment on PATH.
+    ours = str(Path(sys.executable).parent)
+    clone_env = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
+    clone_env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != ours)
+    started = time.monotonic()
+    _run(["make", "setup"], path, clone_env, timeout=2400)
+    print(f"make setup in the clone: {time.monotonic() - started:.0f} s")
+    clone_env["PATH"] = f"{path / '.venv' / 'bin'}{os.pathsep}{clone_env['PATH']}"
+    _run(["dvc", "remote", "modify", "--local", "local", "url", str(work / "remote")], path, clone_env)
+    assert not (path / "models" / "base").exists()
+    _run(["dvc", "pull"], path, clone_env)
+    return {"path": path, "env": clone_env}
+
+
+def test_clone_setup_pull_then_repro_has_nothing_to_do(clone):
+    path, env = clone["path"], clone["env"]
+    source = json.loads((path / "models" / "base" / "source.json").read_text())
     for name, digest in source["files"].items():
-        assert _sha256(clone / "models" / "base" / name) == digest
-    status = json.loads(_run(["dvc", "status", "--json"], clone, env).stdout)
-    # Only the uncached, emptied checkpoint folders of finished trainings may be absent from a clone.
-    assert all(
-        change in ({"changed outs": {"models/checkpoints": "deleted"}},
-                   {"changed outs": {"models/sdf_checkpoints": "deleted"}})
-        for entry in status.values() for change in entry
-    ), status
+        assert _sha256(path / "models" / "base" / name) == digest
+    # The clone's venv runs the clone's code, and importing it writes bytecode next to the stages' code deps.
+    which = _run(["python", "-c", "import baize, stages.selfchat; print(baize.__file__)"], path, env).stdout
+    assert Path(which.strip()).is_relative_to(path), which
+    _run(["python", "-c", "import baize.selfchat.engine, baize.validation, baize.tokenization, baize.evaluation"], path, env)
+    assert (path / "src" / "baize" / "selfchat" / "__pycache__").is_dir()
+    assert json.loads(_run(["dvc", "status", "--json"], path, env).stdout) == {}
+    proc = _run(["dvc", "repro"], path, env)
+    assert "Running stage" not in proc.stdout, proc.stdout
+    # dvc.lock and every tracked file as pushed; nothing new that git would pick up with `git add -A`.
+    assert _run(["git", "status", "--porcelain", "--untracked-files=all"], path, env).stdout == ""
+
+
+def test_a_from_scratch_run_in_the_clone_writes_the_same_lock(clone):
+    """No output holds a path, a time, a run id or a library version: another directory, another venv and a
+    fresh journal give the very dvc.lock that was committed (the default profile's promise, on the micro one)."""
+    path, env = clone["path"], clone["env"]
+    (path / "data" / "selfchat" / "journal.jsonl").unlink()  # no reply reused: self-chat from scratch too
+    started = time.monotonic()
+    proc = _run(["dvc", "repro", "--force"], path, env, timeout=2400)
+    print(f"dvc repro --force in the clone: {time.monotonic() - started:.0f} s")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in proc.stdout
+    diff = _run(["git", "diff", "--stat"], path, env).stdout
+    assert diff == "", diff + _run(["git", "diff", "dvc.lock"], path, env).stdout[-3000:]
+    assert _run(["git", "status", "--porcelain", "--untracked-files=all"], path, env).stdout == ""
+    assert json.loads(_run(["dvc", "status", "--json"], path, env).stdout) == {}
+    for stage in ("seed", "selfchat", "train", "evaluate"):  # the clock-dependent part is there, untracked
+        assert json.loads((path / "reports" / ("eval" if stage == "evaluate" else stage) / "run.json").read_text())
 
 
 def test_exp_run_temp_logs_to_the_root_store(pipeline):
@@ -246,16 +293,15 @@ def test_sdf_adapter_is_stacked_loadable_and_compared(pipeline):
     assert meta["stacked_on"] == "sft" and (v2 / "adapter_model.safetensors").is_file()
     first = repo / "models" / "adapter"
     assert (v2 / "sft" / "adapter_model.safetensors").read_bytes() == (first / "adapter_model.safetensors").read_bytes()
-    train_run = json.loads((first / "baize_adapter.json").read_text())["mlflow_run_id"]
-    assert meta["stacked_on_mlflow_run_id"] == train_run
+    assert "mlflow_run_id" not in meta and "stacked_on_mlflow_run_id" not in meta  # a DVC output: no run ids
 
     samples = [json.loads(line) for line in (repo / "data/sdf/samples.jsonl").read_text().splitlines()]
     seeds = {json.loads(line)["text"] for line in (repo / "data/seeds/seeds.jsonl").read_text().splitlines()}
     assert len(samples) == 4 and not {s["prompt"] for s in samples} & seeds
-    judge_metrics = json.loads((repo / "reports/sdf_judge/metrics.json").read_text())
+    judge_metrics = json.loads((repo / "reports/sdf_judge/report.json").read_text())
     assert judge_metrics["samples"] == 4 and judge_metrics["kept"] + judge_metrics["dropped_all_failed"] == 2
 
-    metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
+    metrics = json.loads((repo / "reports/eval/report.json").read_text())
     assert {"base", "adapter", "v2"} <= set(metrics["perplexity"])
     assert set(metrics["perplexity_sdf_best"]) == {"base", "adapter", "v2"}
     assert set(metrics["generation"]) == {"base", "base_chat", "adapter", "v2"}
@@ -265,6 +311,12 @@ def test_sdf_adapter_is_stacked_loadable_and_compared(pipeline):
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name(yaml.safe_load((repo / "params.yaml").read_text())["tracking"]["experiment"])
+    [train] = client.search_runs([exp.experiment_id], filter_string="tags.`baize.stage` = 'train'")
+    train_run = train.info.run_id
+    [sdf_train] = client.search_runs([exp.experiment_id], filter_string="tags.`baize.stage` = 'sdf_train'")
+    [evaluate] = client.search_runs([exp.experiment_id], filter_string="tags.`baize.stage` = 'evaluate'")
+    assert evaluate.data.tags["baize.train_run_id"] == train_run
+    assert evaluate.data.tags["baize.sdf_train_run_id"] == sdf_train.info.run_id
     for stage in ("sdf_sample", "sdf_judge", "sdf_train"):
         [run] = client.search_runs([exp.experiment_id], filter_string=f"tags.`baize.stage` = '{stage}'")
         assert run.data.tags["baize.train_run_id"] == train_run, stage
@@ -273,3 +325,56 @@ def test_sdf_adapter_is_stacked_loadable_and_compared(pipeline):
                           cwd=repo, env=env, input="Hello!\n/quit\n", capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert "Baize: " in chat.stdout
+
+
+@needs_browser
+def test_plots_diff_draws_the_training_curves_offline(pipeline):
+    """The README's command, then a screenshot of its page: the loss curve is drawn (Vega inlined by the
+    project's template), and git sees no new file (the page's folder is ignored)."""
+    repo, env = pipeline["repo"], pipeline["env"]
+    _run(["dvc", "plots", "diff"], repo, env)
+    page = repo / "dvc_plots" / "index.html"
+    shot = screenshot(page, pipeline["work"] / "screenshots" / "plots_diff.png", size=(1000, 700))
+    # dvc-render's colours of the first two revisions (workspace, HEAD: equal curves, one over the other);
+    # a blank page has none.
+    drawn = count_color(shot, (0x94, 0x5D, 0xD6)) + count_color(shot, (0x13, 0xAD, 0xC7))
+    assert drawn > 400, f"{drawn} pixels of the curves' colour: no marks ({pipeline['work'] / 'screenshots'})"
+    status = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo, env).stdout
+    assert "dvc_plots" not in status, status
+
+
+def _readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` recipe for the headline metrics (the line that starts with `dvc exp show --drop`)."""
+    import shlex
+
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("dvc exp show --drop"):
+            return shlex.split(line.split("#", 1)[0])
+    raise AssertionError("README.md: no line starting with `dvc exp show --drop`")
+
+
+def test_exp_show_recipe_fits_120_columns_with_every_headline_metric(pipeline):
+    """`COLUMNS=120 dvc exp show` with the README's options: every headline metric of every stage, as numbers,
+    for the workspace, the commit and an experiment (`tmp-exp`, if the test before ran), no cell cut to `…`."""
+    repo, env = pipeline["repo"], pipeline["env"]
+    headline = {}
+    for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for metric in entry.get("metrics", []):
+            path = metric if isinstance(metric, str) else next(iter(metric))
+            names = json.loads((repo / path).read_text())
+            assert not set(names) & set(headline), f"{path}: a name another stage uses"
+            headline.update(names)
+    assert 8 <= len(headline) <= 12, headline
+    proc = _run(_readme_exp_show(), repo, {**env, "COLUMNS": "120"})
+    print(proc.stdout)
+    lines = proc.stdout.rstrip("\n").splitlines()
+    assert "…" not in proc.stdout, proc.stdout
+    # Room to spare for the names `dvc exp run` makes up ("sappy-hiss"): up to 12 characters, 5 more than "tmp-exp".
+    assert all(len(line) <= 115 for line in lines), proc.stdout
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header == ["Experiment", *headline], header  # the headline columns only, in stage order
+    rows = [line for line in lines if line.strip() and not line.strip().startswith(("─", "Experiment"))]
+    assert len(rows) >= 2, proc.stdout  # workspace and the commit (and the experiment)
+    for row in rows:
+        cells = row.split()[-len(headline):]
+        assert all(float(cell) >= 0 for cell in cells), row

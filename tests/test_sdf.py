@@ -276,7 +276,7 @@ def _run(project: Path, module: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", module], cwd=project, env=_env(project), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((project / f"reports/{module.split('.')[-1]}/metrics.json").read_text())
+    return json.loads((project / f"reports/{module.split('.')[-1]}/report.json").read_text())
 
 
 SAMPLE = {"prompts": [{"type": "packaged", "name": "general"}], "num_prompts": 4, "num_samples": 4,

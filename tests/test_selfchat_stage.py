@@ -94,8 +94,11 @@ def test_kill_9_mid_run_then_resume_loses_nothing_and_pays_nothing_twice(tmp_pat
     ids = [json.loads(x)["seed_id"] for x in first.decode().splitlines()]
     assert ids == [f"seed{i:03d}" for i in range(20)]  # no duplicate, no missing seed, seed order
     assert (tmp_path / "data/selfchat/failures.jsonl").read_text() == ""
-    metrics = json.loads((tmp_path / "reports/selfchat/metrics.json").read_text())
-    assert metrics["transcripts"] == 20 and metrics["replies_from_journal"] == 100
+    assert json.loads((tmp_path / "reports/selfchat/metrics.json").read_text()) == {"chats": 20}
+    # The journal's share depends on the runs before, not on the inputs: in the untracked run.json only.
+    run = json.loads((tmp_path / "reports/selfchat/run.json").read_text())
+    assert run["replies_from_journal"] == 100 and run["new"]["replies"] == 0
+    assert "replies_from_journal" not in json.loads((tmp_path / "reports/selfchat/report.json").read_text())
     assert_no_secret(tmp_path, done.stdout, done.stderr, again.stdout, again.stderr)
 
 
@@ -110,9 +113,10 @@ def test_stage_outputs_metrics_and_mlflow_run_without_the_key(tmp_path):
     assert "5/6 transcripts" in done.stdout
     failures = [json.loads(x) for x in (tmp_path / "data/selfchat/failures.jsonl").read_text().splitlines()]
     assert [(f["seed_id"], f["reason"]) for f in failures] == [("seed003", "no_complete_pair")]
-    metrics = json.loads((tmp_path / "reports/selfchat/metrics.json").read_text())
+    metrics = json.loads((tmp_path / "reports/selfchat/report.json").read_text())
     assert metrics["transcripts"] == 5 and metrics["failures_by_reason"] == {"no_complete_pair": 1}
-    assert metrics["turns_per_transcript"] == 4 and metrics["cost_usd"] > 0 and metrics["requests"] == 6
+    assert metrics["turns_per_transcript"] == 4 and metrics["cost_usd"] > 0
+    assert json.loads((tmp_path / "reports/selfchat/run.json").read_text())["requests"] == 6
 
     from mlflow import MlflowClient
 

@@ -554,10 +554,14 @@ def test_stage_writes_datasets_metrics_and_one_mlflow_run(tmp_path, base_model_d
     (tmp_path / "params.yaml").write_text(params.format(loss="all", val=2))
     ok = _stage(tmp_path, mlflow_uri)
     assert ok.returncode == 0, ok.stderr
-    metrics = json.loads((tmp_path / "reports/tokenize/metrics.json").read_text())
+    metrics = json.loads((tmp_path / "reports/tokenize/report.json").read_text())
     assert metrics["samples"]["train"] == 4 and metrics["samples"]["val"] == 2 and metrics["loss"] == "all"
+    headline = json.loads((tmp_path / "reports/tokenize/metrics.json").read_text())
+    assert headline == {"tokens": metrics["trained_tokens"]["train"]} and headline["tokens"] > 0
     for name in ("train", "val", "tokenizer"):
         assert (tmp_path / "data/tokenized" / name).is_dir()
+    # No load-time flag (HF_HUB_OFFLINE set or not) in the saved tokenizer: the same folder in any environment.
+    assert "local_files_only" not in json.loads((tmp_path / "data/tokenized/tokenizer/tokenizer_config.json").read_text())
 
     from mlflow import MlflowClient
 

@@ -23,6 +23,7 @@ import yaml
 from baize import hardware, training
 from baize.config import TrainParams
 from baize.formats import render_training
+from baize.tracking import folder_sha256
 from baize.transcript import Turn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +232,14 @@ def test_token_budget_chunks_give_the_same_step_as_the_whole_micro_batch(tiny_pr
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_warmup_never_trains_a_step_at_learning_rate_zero():
+    # transformers' "linear" schedule: step 0 gets 0 / warmup_steps = 0, a wasted step (all of it at warmup_steps 1).
+    assert [training.warmup_linear_factor(s, 1, 4) for s in range(4)] == pytest.approx([1 / 2, 1, 2 / 3, 1 / 3])
+    assert [training.warmup_linear_factor(s, 3, 5) for s in range(5)] == pytest.approx([1 / 4, 2 / 4, 3 / 4, 1, 1 / 2])
+    assert [training.warmup_linear_factor(s, 0, 2) for s in range(2)] == pytest.approx([1, 1 / 2])  # as transformers'
+    assert training.warmup_linear_factor(10, 2, 10) == 0.0
+
+
 def test_mixed_precision_auto_resolves_to_what_the_machine_computes():
     assert hardware.resolve_mixed_precision("no") == "no"
     assert hardware.resolve_mixed_precision("bf16") == "bf16"
@@ -277,17 +286,27 @@ def test_stage_writes_adapter_metrics_plots_and_one_mlflow_run(tiny_project, tmp
     assert keys and all("lora_" in k for k in keys)  # only the adapter, not the base weights
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+    # No load-time flag (HF_HUB_OFFLINE set or not) in the saved tokenizer: the adapter is the same in any environment.
+    assert "local_files_only" not in json.loads((adapter / "tokenizer_config.json").read_text())
+    # Sorted, not in PEFT's set order (which follows the process's hash seed): the same adapter folder every run.
+    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
 
-    metrics = json.loads((project / "reports/train/metrics.json").read_text())
-    assert metrics["steps"] == 4 and metrics["resumed_from_step"] == 0
+    metrics = json.loads((project / "reports/train/report.json").read_text())
+    timing = json.loads((project / "reports/train/run.json").read_text())  # untracked: differs on every run
+    assert metrics["steps"] == 4 and timing["resumed_from_step"] == 0
     assert metrics["effective_batch_size"] == 8 and metrics["trained_tokens"] > 0
-    for key in ("train_loss", "eval_loss", "eval_perplexity", "base_eval_perplexity", "trained_tokens_per_s", "peak_rss_mb"):
+    for key in ("train_loss", "eval_loss", "eval_perplexity", "base_eval_perplexity"):
         assert metrics[key] is not None and metrics[key] > 0, key
+    for key in ("trained_tokens_per_s", "peak_rss_mb", "train_runtime_s"):
+        assert timing[key] > 0 and key not in metrics, key
+    assert json.loads((project / "reports/train/metrics.json").read_text()) == {
+        "loss": round(metrics["train_loss"], 3), "val_loss": round(metrics["eval_loss"], 3)}
     with (project / "reports/train/steps.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r["loss"]) > 0 and r["learning_rate"] for r in rows)
+    # warmup_steps: 1 warms up in one step that trains (transformers' own schedule gives it learning rate 0).
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx([0.0005, 0.001, 0.002 / 3, 0.001 / 3])
     assert [r["step"] for r in rows if r["eval_loss"]] == ["2", "4"]
     assert not any((project / "models/checkpoints").iterdir())  # done: nothing left to resume
 
@@ -295,7 +314,9 @@ def test_stage_writes_adapter_metrics_plots_and_one_mlflow_run(tiny_project, tmp
     assert len(runs) == 1
     run = runs[0]
     meta = json.loads((adapter / "baize_adapter.json").read_text())
-    assert meta["mlflow_run_id"] == run.info.run_id
+    # No run id in the adapter (a DVC output): the run carries the adapter's digest instead.
+    assert not any("mlflow" in key for key in meta)
+    assert run.data.tags["baize.adapter.sha256"] == folder_sha256(adapter)
     assert meta["base_model_sha256"] == training.base_model_sha256(project / "models/base")
     assert meta["params"]["max_steps"] == 4
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
@@ -333,9 +354,8 @@ def test_kill_9_mid_run_then_rerun_resumes_and_finishes(tiny_project, tmp_path):
 
     done = _run_stage(project, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((project / "reports/train/metrics.json").read_text())
-    assert metrics["resumed_from_step"] == step_at_kill  # continued, not restarted
-    assert metrics["steps"] == 30
+    assert json.loads((project / "reports/train/run.json").read_text())["resumed_from_step"] == step_at_kill
+    assert json.loads((project / "reports/train/report.json").read_text())["steps"] == 30
     with (project / "reports/train/steps.csv").open() as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(1, 31))  # the whole run, once each
     _, runs = _stage_runs(project)
@@ -353,7 +373,7 @@ def test_stale_checkpoint_of_other_params_is_not_resumed(tiny_project, tmp_path)
     _write_params(project, max_steps=2)
     proc = _run_stage(project)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((project / "reports/train/metrics.json").read_text())["resumed_from_step"] == 0
+    assert json.loads((project / "reports/train/run.json").read_text())["resumed_from_step"] == 0
     assert not stale.parent.exists()
 
 
@@ -404,7 +424,7 @@ def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
     proc = _run_stage(project, timeout=220)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "accelerate.commands.launch --num_processes 2" in proc.stderr
-    metrics = json.loads((project / "reports/train/metrics.json").read_text())
+    metrics = json.loads((project / "reports/train/report.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 4 and metrics["steps"] == 2
     assert metrics["mixed_precision"] == hardware.resolve_mixed_precision("auto")
     assert f"--mixed_precision {metrics['mixed_precision']}" in proc.stderr

@@ -10,11 +10,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from browser import count_color, dom, needs_browser, screenshot
 from click.testing import CliRunner
 
 from baize.config import ValidateParams
@@ -35,6 +35,7 @@ from baize.validation import (
     validate,
     write_outputs,
 )
+from baize.webassets import remote_refs
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared/fixtures/baize-original"
@@ -281,7 +282,9 @@ def test_clean_records_all_accepted(mixed):
     accepted_ids = [json.loads(line)["id"] for line in mixed["paths"]["accepted"].read_text("utf-8").splitlines()]
     assert accepted_ids == [t.id for t in mixed["clean"]]
     assert len(report.rejected()) == len(BAD)
-    m = json.loads(mixed["paths"]["metrics"].read_text())
+    m = json.loads(mixed["paths"]["report"].read_text())
+    # metrics.json (`dvc metrics show`, `dvc exp show`) holds the headline only; the detail is in report.json.
+    assert json.loads(mixed["paths"]["metrics"].read_text()) == {"passed": round(m["pass_rate"], 3)}
     assert (m["records"], m["accepted"], m["rejected"]) == (len(mixed["records"]), len(mixed["clean"]), len(BAD))
     assert m["checks"]["no_role_markers"] == {  # role_markers (3 turns) and quoted_marker (1)
         "failed": 2,
@@ -293,7 +296,7 @@ def test_clean_records_all_accepted(mixed):
     assert m["checks"]["human_asks"]["failed"] == 3
     assert m["checks"]["duplicate_rate"]["observed"] == pytest.approx(2 / m["records"], abs=1e-6)
     assert set(m["checks"]) == set(CHECKS)
-    # metrics.json stays small (one `dvc metrics show` table): the headline statistics only, of the accepted data.
+    # report.json: the headline statistics of the accepted data; every statistic is in stats.json.
     assert set(m) == {"records", "turns", "accepted", "rejected", "pass_rate", "min_pass_rate", "gate_passed",
                       "stats", "checks"}
     assert list(m["stats"]) == list(STATS_HEADLINE) and m["stats"]["dialogues"] == len(mixed["clean"])
@@ -682,16 +685,16 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert len((project / "data/validated/transcripts.jsonl").read_text().splitlines()) == 6
     assert json.loads((project / "data/validated/rejected.jsonl").read_text())["failed"] == ["turn_length"]
-    metrics = json.loads((project / "reports/validation/metrics.json").read_text())
+    metrics = json.loads((project / "reports/validation/report.json").read_text())
     assert metrics["gate_passed"] is True and metrics["accepted"] == 6
     assert (project / "reports/validation/data_docs/index.html").is_file()
     run, artifacts = _mlflow_run(project)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["accepted"] == 6 and run.data.metrics["checks.turn_length.failed"] == 1
     assert run.data.params["validate.input"] == "data/selfchat/transcripts.jsonl"
-    assert {"validation/metrics.json", "validation/stats.json", "validation/rejected.jsonl",
+    assert {"validation/metrics.json", "validation/report.json", "validation/stats.json", "validation/rejected.jsonl",
             "validation/data_docs"} <= artifacts
-    # No models/base here: lengths in words, and said so. All statistics in MLflow, the headline in metrics.json.
+    # No models/base here: lengths in words, and said so. All statistics in MLflow, the headline ones in report.json.
     stats = json.loads((project / "reports/validation/stats.json").read_text())
     assert stats["length_unit"] == "words" and metrics["stats"]["dialogues"] == 6
     assert "stats (words (no tokenizer in models/base)): accepted: 6 dialogues" in result.output
@@ -710,7 +713,7 @@ def test_gate_exits_non_zero_after_writing_everything(tmp_path, monkeypatch):
     # Everything is on disk for the user to look at.
     assert len((project / "data/validated/transcripts.jsonl").read_text().splitlines()) == 3
     assert len((project / "data/validated/rejected.jsonl").read_text().splitlines()) == 6
-    metrics = json.loads((project / "reports/validation/metrics.json").read_text())
+    metrics = json.loads((project / "reports/validation/report.json").read_text())
     assert metrics["gate_passed"] is False and metrics["pass_rate"] == pytest.approx(3 / 9, abs=1e-6)
     assert (project / "reports/validation/data_docs/index.html").is_file()
     run, artifacts = _mlflow_run(project)
@@ -764,34 +767,9 @@ class _Text(HTMLParser):
             self.parts.append(data.strip())
 
 
-def _browser() -> str | None:
-    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-
-
-def _render(browser: str, page: Path) -> str:
-    """The page's DOM after load, as headless Chromium sees it (offline: no network, no profile)."""
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run(
-            [
-                browser,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                f"--user-data-dir={profile}",
-                "--dump-dom",
-                page.resolve().as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def _text(html: str) -> str:
     parser = _Text()
-    parser.feed(proc.stdout)
+    parser.feed(html)
     return " | ".join(parser.parts)
 
 
@@ -803,13 +781,34 @@ def test_data_docs_site_has_the_suite_results(mixed):
     assert "no_role_markers: no [|Human|]/[|AI|] inside a turn" in html and "turn_length: every turn has [1, 8000]" in html
 
 
-@pytest.mark.skipif(_browser() is None, reason="no Chromium (apt-get install -y --no-install-recommends chromium)")
-def test_data_docs_open_in_headless_chromium(mixed):
+def test_data_docs_load_nothing_from_the_network(mixed):
+    """Every script, stylesheet, font and image of every page is a file of the site (GX's own pages: CDNs)."""
     docs = mixed["tmp"] / "report/data_docs"
-    index = _render(_browser(), docs / "index.html")
+    pages = list(docs.rglob("*.html"))
+    assert len(pages) == 5
+    for page in pages:
+        html = page.read_text("utf-8")
+        assert not remote_refs(html), page
+        for ref in re.findall(r"""<(?:script|link|img)\b[^>]*?\b(?:src|href)\s*=\s*"([^"#?]+)""", html):
+            assert (page.parent / ref).is_file(), (page, ref)
+
+
+@needs_browser
+def test_data_docs_render_offline_in_headless_chromium(mixed):
+    docs = mixed["tmp"] / "report/data_docs"
+    index_dom = dom(docs / "index.html")
+    index = _text(index_dom)
     assert "Data Docs" in index and "Validation Results" in index
+    # bootstrap-table (jQuery) fills the index table from a script: offline, GX's own page shows no rows.
+    rows = re.findall(r'<tr[^>]*data-index="\d+"', index_dom)
+    assert len(rows) >= 2 and "baize_turns" in index and "baize_records" in index, index
+    assert "Showing 1 to 2 of 2 rows" in index
+    # The screenshot shows them: each failed run's red cross is a Font Awesome glyph coloured by Bootstrap's
+    # text-danger, so it is drawn only when both the icon font and the stylesheet loaded (68 pixels measured).
+    shot = screenshot(docs / "index.html", mixed["tmp"] / "screenshots" / "data_docs_index.png")
+    assert count_color(shot, (0xDC, 0x35, 0x45)) > 30, mixed["tmp"] / "screenshots" / "data_docs_index.png"
     turns_page = next((docs / "validations").rglob("baize-turns.html"))
-    text = _render(_browser(), turns_page)
+    text = _text(dom(turns_page))
     assert "Expectation Suite: | baize_turns" in text
     assert "Status: | Failed" in text
     for name in ("no_role_markers", "valid_utf8", "no_control_chars", "turn_length", "refusal_rate"):
@@ -823,3 +822,17 @@ def test_opening_with_the_seed_is_not_an_echo():
     report = validate(records, P)
     echo = next(r for r in report.checks if r.check.name == "seed_echo_rate")
     assert echo.observed == 0.0 and report.gate_passed
+
+
+def test_an_input_that_neither_dvc_nor_git_tracks_is_warned_about(tmp_path, monkeypatch):
+    # `baize import` output used as validate.input: `dvc push` shares it only once `dvc add` tracks it.
+    project = _project(tmp_path, clean_set(3))
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    result = _run_stage(project, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "warning: validate.input data/selfchat/transcripts.jsonl is tracked by neither DVC nor git" in result.output
+    assert "dvc add data/selfchat/transcripts.jsonl" in result.output
+    (project / "data/selfchat/transcripts.jsonl.dvc").write_text("outs: []\n")  # what `dvc add` leaves
+    result = _run_stage(project, monkeypatch)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output

@@ -145,8 +145,8 @@ def materialize(
         partial.pop("kind", None)
         source.update(partial)
         source.update(_describe_folder(tmp))
-        source["transformers_version"] = _version("transformers")
-        source["torch_version"] = _version("torch")
+        # No absolute paths, library versions or times: source.json is part of a DVC output, and its hash must be
+        # the same in every clone and virtual environment (the stage logs the versions to MLflow instead).
         (tmp / SOURCE_JSON).write_text(json.dumps(source, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         return source
 
@@ -251,11 +251,11 @@ def _from_gguf(path: Path, tmp: Path, dtype: str, trust_remote_code: bool, packa
         tokenizer.model_max_length = max_positions
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    _clean_tokenizer_config(tmp)
+    clean_tokenizer_config(tmp)
     del model
     return {
         "kind": "gguf",
-        "source_file": str(path),
+        "source_file": _portable(path) if package is None else _in_package(path),
         "source_sha256": _sha256(path),
         "package": package,
         "upstream": _upstream_for(path),
@@ -327,7 +327,7 @@ def _from_local(folder: Path, tmp: Path, dtype: str, trust_remote_code: bool) ->
             parent = _read_json(folder / SOURCE_JSON)
         except BaizeError:
             parent = None
-    return {"kind": "local", "source_file": str(folder), "parent_source": parent}
+    return {"kind": "local", "source_file": _portable(folder), "parent_source": parent}
 
 
 def _from_hub(repo_id: str, tmp: Path, revision: str | None, dtype: str, trust_remote_code: bool) -> dict:
@@ -374,7 +374,7 @@ def _from_hub(repo_id: str, tmp: Path, revision: str | None, dtype: str, trust_r
     _drop_quantization(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    _clean_tokenizer_config(tmp)
+    clean_tokenizer_config(tmp)
     del model
     return {"kind": "hub", "revision": revision, "commit": commit, "upstream": repo_id}
 
@@ -504,8 +504,10 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
 
 
-def _clean_tokenizer_config(folder: Path) -> None:
-    """Drop load-time flags that transformers 5 writes into tokenizer_config.json (is_local, local_files_only)."""
+def clean_tokenizer_config(folder: Path) -> None:
+    """Drop load-time flags that transformers 5 writes into tokenizer_config.json (is_local, local_files_only):
+    they record how the tokenizer was loaded (HF_HUB_OFFLINE set or not), so the folders that DVC versions would
+    hash differently from one environment to the next."""
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return
@@ -642,6 +644,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _portable(path: Path) -> str:
+    """`path` relative to the working directory (the project root, for a stage) when it is inside it, so that
+    source.json reads the same in every clone; a file outside the project is specific to this machine anyway."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _in_package(path: Path) -> str:
+    """A packaged file as `<package folder>/<file>`: where it sits inside site-packages, not which venv holds it."""
+    return f"{path.parent.name}/{path.name}"
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -650,13 +666,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise BaizeError(f"{path}: expected a JSON object")
     return data
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _torch():

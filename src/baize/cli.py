@@ -41,9 +41,11 @@ QUIT = {"/quit", "/exit", ":q"}
               help="Prompt budget; the oldest turns are dropped beyond it.")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible replies).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--prompt-format", default="training", show_default=True, type=click.Choice(["training", "paper"]),
+              help="training: the text the adapter learned (its chat template); paper: the Baize demo's system prompt.")
 @one_line_errors
 def chat(base: Path, adapter: str, no_adapter: bool, max_new_tokens: int, temperature: float, top_p: float,
-         max_context_tokens: int, seed: int | None, dtype: str) -> None:
+         max_context_tokens: int, seed: int | None, dtype: str, prompt_format: str) -> None:
     """Talk to base + adapter. /reset forgets the conversation, /quit (or Ctrl-D) leaves."""
     from baize import inference
 
@@ -67,7 +69,7 @@ def chat(base: Path, adapter: str, no_adapter: bool, max_new_tokens: int, temper
             click.echo("(conversation cleared)")
             continue
         try:
-            prompt = inference.build_prompt(question, history, tokenizer, max_context_tokens)
+            prompt = inference.build_prompt(question, history, tokenizer, max_context_tokens, prompt_format)
         except inference.PromptTooLongError as exc:
             click.echo(f"(input too long: {exc})")
             continue

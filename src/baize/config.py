@@ -396,6 +396,9 @@ class EvaluateParams(Section):
     """Sampling seed; batch i uses seed + i, the same for base and adapter."""
     max_context_tokens: int = Field(2048, ge=64)
     """Prompt budget; older turns are dropped beyond it (the Baize demo's default)."""
+    prompt_format: Literal["training", "paper"] = "training"
+    """training: the text the adapter was trained on (its chat template); paper: the Baize demo's long system
+    prompt, which the adapter never saw (more role leaks after a first answer; `baize.inference`)."""
     ppl_batch_size: int = Field(4, ge=1)
     max_ppl_samples: int | None = Field(None, ge=1)
     """Validation transcripts used for perplexity; null: all."""

@@ -236,11 +236,11 @@ def heldout_prompts(rows: Sequence[dict[str, Any]], tokenizer, num: int) -> list
 
 def generate_answers(model, tokenizer, prompts: Sequence[dict[str, Any]], *, which: Sequence[str] = ("base", "adapter"),
                      max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
-                     max_context_tokens: int, progress: Any = None,
+                     max_context_tokens: int, prompt_format: str = "training", progress: Any = None,
                      chat_tokenizer: Any = None) -> dict[str, list[inference.Generation]]:
-    """Answers of each variant (`variant`), same prompts, same seeds: Baize's inference prompt, except `base_chat`,
-    which is asked through `chat_tokenizer`'s own chat template (the base model's)."""
-    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens) for p in prompts]
+    """Answers of each variant (`variant`), same prompts, same seeds: Baize's inference prompt (`prompt_format`),
+    except `base_chat`, which is asked through `chat_tokenizer`'s own chat template (the base model's)."""
+    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens, prompt_format) for p in prompts]
     out = {}
     for name in which:
         prompts_of = texts

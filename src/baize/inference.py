@@ -1,15 +1,27 @@
-"""Talking to a Baize model: the inference prompt, history truncation, stop strings, loading, generation.
+"""Talking to a Baize model: the prompt, history truncation, stop strings, loading, generation.
 
-Shared by `baize chat` (one streamed reply at a time) and the `evaluate` stage (batched replies). The prompt
-is the one of the Baize demo (paper, Section 5; `generate_prompt_with_history` in the reference code):
+Shared by `baize chat` (one streamed reply at a time) and the `evaluate` stage (batched replies). Two prompt
+formats (`PROMPT_FORMATS`):
 
-    <BAIZE_SYSTEM_PROMPT, which ends with "\\n[|Human|]Hello!\\n[|AI|]Hi!">
-    \\n[|Human|]{question 1}\\n[|AI|]{answer 1}
-    ...
-    \\n[|Human|]{question}\\n[|AI|]
+- `training` (default): the text the adapter was trained on, which is also what its chat template renders
+  (`apply_chat_template(..., add_generation_prompt=True)`, i.e. what an exported model behind vLLM or
+  `transformers serve` is sent):
 
-Note that inference turns have no space after the marker while the training text has one
-(`[|Human|] {h}\\n[|AI|] {a}\\n`); that is how Baize did it, and the model copes.
+      The conversation between human and AI assistant.
+      [|Human|] {question 1}\n[|AI|] {answer 1}\n[|Human|] {question}\n[|AI|]
+
+- `paper`: the prompt of the Baize demo (paper, Section 5; `generate_prompt_with_history` in the reference
+  code), a long system prompt the adapter never sees in training:
+
+      <BAIZE_SYSTEM_PROMPT, which ends with "\n[|Human|]Hello!\n[|AI|]Hi!">
+      \n[|Human|]{question 1}\n[|AI|]{answer 1}
+      ...
+      \n[|Human|]{question}\n[|AI|]
+
+  Why it is not the default: measured on the default profile's adapter, after a first answer the next marker
+  was `[|AI|]` (a second AI turn, a role leak) with probability 0.085 on average under this prompt and 0.004 under
+  the training text (39 first answers; after later answers, under this prompt: 0.001). Train as you serve.
+
 The reply ends at the first `[|Human|]` or `[|AI|]` (or EOS, or the token limit); when the prompt exceeds the
 context budget the oldest (question, answer) pairs are dropped, as the reference demo does.
 """
@@ -24,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from baize.errors import BaizeError
-from baize.formats import AI, HUMAN
+from baize.formats import AI, HUMAN, PREAMBLE
 
 BAIZE_SYSTEM_PROMPT = (
     "The following is a conversation between a human and an AI assistant named Baize (named after a mythical "
@@ -47,9 +59,20 @@ class PromptTooLongError(BaizeError):
 # --------------------------------------------------------------------------- prompt
 
 
-def format_turn(question: str, answer: str | None = None) -> str:
-    """`\\n[|Human|]{question}\\n[|AI|]{answer}`; with answer None the prompt ends on `[|AI|]` for the model."""
-    return f"\n{HUMAN}{question}\n{AI}{answer if answer is not None else ''}"
+PROMPT_FORMATS = ("training", "paper")
+
+
+def format_turn(question: str, answer: str | None = None, prompt_format: str = "training") -> str:
+    """One (question, answer) pair in `prompt_format`; with answer None the text ends on `[|AI|]` for the model.
+
+    training: `[|Human|] {question}\\n[|AI|] {answer}\\n`; paper: `\\n[|Human|]{question}\\n[|AI|]{answer}`.
+    """
+    if prompt_format == "paper":
+        return f"\n{HUMAN}{question}\n{AI}{answer if answer is not None else ''}"
+    if prompt_format != "training":
+        raise BaizeError(f"prompt format {prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+    # No space after the last [|AI|]: in the training text the space is part of the answer's first token.
+    return f"{HUMAN} {question}\n{AI}" + (f" {answer}\n" if answer is not None else "")
 
 
 def build_prompt(
@@ -57,16 +80,17 @@ def build_prompt(
     history: History = (),
     tokenizer: Any = None,
     max_context_tokens: int | None = None,
-    system: str = BAIZE_SYSTEM_PROMPT,
+    prompt_format: str = "training",
 ) -> str:
-    """The Baize inference prompt for `question` after `history`, dropping the oldest pairs to fit.
+    """The prompt for `question` after `history` in `prompt_format`, dropping the oldest pairs to fit.
 
     With a tokenizer and a budget, pairs are added newest first while the whole prompt stays within
     `max_context_tokens` (the reference demo's rule: a pair that does not fit ends the history there).
     Raises PromptTooLongError when the question alone does not fit.
     """
-    parts = [format_turn(h, a) for h, a in history]
-    current = format_turn(question)
+    system = BAIZE_SYSTEM_PROMPT if prompt_format == "paper" else PREAMBLE
+    parts = [format_turn(h, a, prompt_format) for h, a in history]
+    current = format_turn(question, None, prompt_format)
     if tokenizer is None or max_context_tokens is None:
         return system + "".join(parts) + current
 

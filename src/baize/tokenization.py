@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from baize.base_model import clean_tokenizer_config
 from baize.errors import BaizeError, InputError, ParamsError
 from baize.formats import AI, HUMAN, PREAMBLE, TrainingFormatError, render_training
 from baize.transcript import Transcript, read_jsonl
@@ -577,6 +578,7 @@ def save(splits: TokenizedSplits, tokenizer, out_dir: str | os.PathLike, info: d
             ds = ds.remove_columns(extra, new_fingerprint=f"{ds._fingerprint}-save")
             ds.save_to_disk(str(tmp / name))
         set_baize_chat_template(tokenizer).save_pretrained(str(tmp / TOKENIZER_DIR))
+        clean_tokenizer_config(tmp / TOKENIZER_DIR)
         (tmp / "info.json").write_text(json.dumps(info or {}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():

@@ -6,6 +6,7 @@ Knows nothing about DVC: the caller passes the tags (git commit, experiment name
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -134,3 +135,40 @@ def flatten_numbers(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
         elif isinstance(value, int | float):
             out[name] = float(value)
     return out
+
+
+ADAPTER_TAG = "baize.adapter.sha256"
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over a folder's files (relative names and bytes): the same content gives the same digest anywhere.
+
+    Outputs that DVC versions carry no run ids (those would change their hash on every run); a run is found from
+    its output's content instead (`ADAPTER_TAG` on the train run, see `find_run_by_tag`).
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def find_run_by_tag(tracking_uri: str, experiment: str, stage: str, key: str, value: str) -> str | None:
+    """The newest finished run of `stage` in `experiment` tagged `key = value`, or None."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{key}` = '{value}' and tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from baize.base_model import clean_tokenizer_config
 from baize.config import TrainParams
 from baize.errors import BaizeError, InputError
 from baize.hardware import resolve_mixed_precision
@@ -255,6 +257,16 @@ def split_by_tokens(inputs: dict[str, torch.Tensor], max_tokens: int) -> list[di
     return chunks
 
 
+def warmup_linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor of optimizer step `step` (0-based): a linear warm-up that reaches the full rate at step
+    `warmup_steps`, then linear decay to 0 after the last step (as transformers' "linear"). The warm-up counts from
+    1/(warmup_steps + 1), not from 0: transformers' gives the first step a learning rate of 0, so with
+    `warmup_steps: 1` that step trained nothing."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 class BaizeTrainer(Trainer):
     """The Trainer with a loss over trained positions only, a token budget per forward pass and a hard stop on a
     NaN/inf loss.
@@ -273,6 +285,20 @@ class BaizeTrainer(Trainer):
         # compute_loss below normalizes by num_items_in_batch itself, whatever the model's forward accepts, so
         # the Trainer must always count it (chunks rely on it) and must not divide again by the accumulation.
         self.model_accepts_loss_kwargs = True
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' "linear" schedule with a warm-up that never starts at 0 (see `warmup_linear_factor`)."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer if optimizer is not None else self.optimizer,
+                functools.partial(
+                    warmup_linear_factor,
+                    warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                    total_steps=num_training_steps,
+                ),
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -487,6 +513,16 @@ def load_tokenizer(data_dir: Path, model_dir: Path):
     return tokenizer
 
 
+def _sort_config_sets(path: Path) -> None:
+    """PEFT keeps `target_modules` as a set and writes it in set order, which changes with Python's hash seed
+    from process to process: sorted, the adapter folder (a DVC output) is the same file for the same training."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(config.get(key), list) and all(isinstance(v, str) for v in config[key]):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def save_adapter(model, tokenizer, out_dir: Path, meta: dict[str, Any], stack_on: Path | None = None) -> None:
     """Adapter weights (safetensors) + tokenizer + baize_adapter.json, swapped in atomically.
 
@@ -499,10 +535,12 @@ def save_adapter(model, tokenizer, out_dir: Path, meta: dict[str, Any], stack_on
     shutil.rmtree(tmp, ignore_errors=True)
     # PEFT: only the LoRA weights (of the new adapter, when stacked)
     model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
+    _sort_config_sets(tmp / "adapter_config.json")
     if stack_on is not None:
         shutil.copytree(stack_on, tmp / STACK_NAME)
         meta = {**meta, "stacked_on": STACK_NAME}
     tokenizer.save_pretrained(str(tmp))
+    clean_tokenizer_config(tmp)
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -580,7 +618,7 @@ def train(
         # stacked): its val loss is the number to beat. (Skipped on resume: the adapter is no longer the base.)
         base_eval = trainer.evaluate(metric_key_prefix="base_eval")
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    final_eval = trainer.evaluate() if val_ds is not None else {}
+    final_eval = _final_eval(trainer) if val_ds is not None else {}
 
     trained = trainer.accelerator.reduce(torch.tensor(trainer.trained_tokens, dtype=torch.long), reduction="sum")
     trained_tokens = int(trained.item())
@@ -588,7 +626,9 @@ def train(
     rows = step_rows(trainer.state.log_history)
     losses = [r["loss"] for r in rows if r["loss"] != ""]
     metrics: dict[str, Any] = {
-        "train_loss": float(out.training_loss),
+        # The mean of the logged step losses, not the Trainer's `training_loss`: that one only averages the steps
+        # of this process, so after a resume it would differ from an uninterrupted run's.
+        "train_loss": sum(losses) / len(losses) if losses else float(out.training_loss),
         "final_train_loss": float(losses[-1]) if losses else None,
         "eval_loss": final_eval.get("eval_loss"),
         "eval_perplexity": _ppl(final_eval.get("eval_loss")),
@@ -624,6 +664,18 @@ def train(
         data_digests={**digests, "fingerprint": fingerprint, "run_dir": str(run_dir)},
         mlflow_logged_steps=mlflow_steps.logged_steps,
     )
+
+
+def _final_eval(trainer) -> dict[str, float]:
+    """The val loss of the trained adapter: the Trainer's own eval at the last step when it ran one (the
+    weights have not changed since; an int8 eval pass costs as much as a few training steps), else a new one."""
+    state = trainer.state
+    for entry in reversed(state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == state.global_step:
+                return {"eval_loss": float(entry["eval_loss"])}
+            break
+    return trainer.evaluate()
 
 
 def _ppl(loss: float | None) -> float | None:

@@ -48,6 +48,7 @@ from baize.errors import BaizeError, InputError, ParamsError
 from baize.formats import from_messages, import_baize_json
 from baize.selfchat import prompts
 from baize.transcript import Transcript, atomic_write_text, iter_json_lines, read_jsonl, write_jsonl
+from baize.webassets import localize_data_docs
 
 # --------------------------------------------------------------------------- the checks
 
@@ -585,6 +586,9 @@ def run_suite(records_df, turns_df, p: ValidateParams, docs_dir: str | os.PathLi
         # log them to MLflow on every run.
         for gif in (docs_dir / "static" / "images").glob("*.gif"):
             gif.unlink()
+        # GX's pages load jQuery, Bootstrap, bootstrap-table and fonts from CDNs: offline the index table is
+        # empty and every page unstyled. Point them at the copies shipped in baize.webassets.
+        localize_data_docs(docs_dir)
     order = list(CHECKS)
     return sorted(results, key=lambda r: order.index(r.check.name))
 
@@ -732,9 +736,16 @@ class Report:
     def gate_passed(self) -> bool:
         return self.pass_rate >= self.min_pass_rate and not self.dataset_failures()
 
+    def headline(self) -> dict[str, float]:
+        """The number `dvc metrics show` / `dvc exp show` compare: the accepted share (`pass_rate`, 3 decimals; a
+        short name, as the headline must fit a 120-column `dvc exp show`)."""
+        n = len(self.transcripts)
+        return {"passed": round(len(self.accepted) / n, 3) if n else 0.0}
+
     def metrics(self) -> dict[str, Any]:
-        """Counts, the pass rate of each record-level check and the rates of the dataset-level ones; two
-        levels deep so `dvc metrics diff` shows e.g. `checks.turn_length.pass_rate`."""
+        """Counts, the pass rate of each record-level check and the rates of the dataset-level ones, and the
+        headline statistics of the accepted data (report.json; MLflow logs them as e.g.
+        `checks.turn_length.pass_rate`)."""
         n = len(self.transcripts)
         accepted = len(self.accepted)
         checks: dict[str, Any] = {}
@@ -759,7 +770,7 @@ class Report:
             "min_pass_rate": self.min_pass_rate,
             "gate_passed": self.gate_passed,
         }
-        if self.stats:  # the headline only: `dvc metrics show` prints every key in one table
+        if self.stats:  # the Table 2 figures; every statistic is in stats.json
             out["stats"] = {k: self.stats["accepted"][k] for k in STATS_HEADLINE}
         out["checks"] = checks
         return out
@@ -837,17 +848,20 @@ def _json_line(obj: Any) -> str:
 
 
 def write_outputs(report: Report, out_dir: str | os.PathLike, report_dir: str | os.PathLike) -> dict[str, Path]:
-    """accepted -> out/transcripts.jsonl, rejected -> out/rejected.jsonl, metrics -> report/metrics.json,
-    all statistics -> report/stats.json."""
+    """accepted -> out/transcripts.jsonl, rejected -> out/rejected.jsonl, the pass rate -> report/metrics.json
+    (the one number `dvc metrics show` needs), counts and every check -> report/report.json, all statistics ->
+    report/stats.json."""
     out_dir, report_dir = Path(out_dir), Path(report_dir)
     paths = {
         "accepted": out_dir / "transcripts.jsonl",
         "rejected": out_dir / "rejected.jsonl",
         "metrics": report_dir / "metrics.json",
+        "report": report_dir / "report.json",
         "stats": report_dir / "stats.json",
     }
     write_jsonl(paths["accepted"], report.accepted)
     atomic_write_text(paths["rejected"], "".join(_json_line(r) for r in report.rejected()))
-    atomic_write_text(paths["metrics"], json.dumps(report.metrics(), indent=2) + "\n")
+    atomic_write_text(paths["metrics"], json.dumps(report.headline(), indent=2) + "\n")
+    atomic_write_text(paths["report"], json.dumps(report.metrics(), indent=2) + "\n")
     atomic_write_text(paths["stats"], json.dumps(report.stats, indent=2) + "\n")
     return paths
