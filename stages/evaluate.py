@@ -197,12 +197,18 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
     which = ["base", "base_chat", *models[1:]]
     click.echo(f"evaluate: {len(prompts)} prompts x {len(which)} models, up to {params.max_new_tokens} new tokens",
                err=True)
-    answers = evaluation.generate_answers(
-        model, tokenizer, prompts, which=which, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-        top_p=params.top_p, batch_size=params.batch_size, seed=params.seed,
-        max_context_tokens=params.max_context_tokens, prompt_format=params.prompt_format,
-        chat_tokenizer=inference.load_tokenizer(model_dir),
-    )
+    sampling = dict(which=which, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                    top_p=params.top_p, batch_size=params.batch_size, seed=params.seed,
+                    max_context_tokens=params.max_context_tokens, prompt_format=params.prompt_format,
+                    chat_tokenizer=inference.load_tokenizer(model_dir))
+    if params.engine == "local":
+        del model  # the engine loads each model with its adapter merged
+        answers = evaluation.generate_answers_served(
+            model_dir, {"base": None, "adapter": adapter_dir, "v2": adapter_v2}, tokenizer, prompts,
+            dtype=params.dtype, **sampling)
+    else:
+        answers = evaluation.generate_answers(model, tokenizer, prompts, **sampling)
+        del model  # the judge's local backend and lm-eval load their own copies
     samples = evaluation.sample_rows(prompts, answers)
     metrics: dict = {
         "data": _data_summary(data_dir),
@@ -210,7 +216,6 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
         **({"perplexity_sdf_best": ppl_sdf} if ppl_sdf else {}),
         "generation": {name: evaluation.format_metrics(gens) for name, gens in answers.items()},
     }
-    del model  # the judge's local backend and lm-eval load their own copies
 
     details: dict = {}
     if params.judge.enabled:

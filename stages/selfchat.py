@@ -133,14 +133,23 @@ async def run(params, seeds: list[Seed], model_dir: Path, journal_path: Path, pr
             if journal.torn_bytes:
                 click.echo(f"journal: dropped a torn last line ({journal.torn_bytes} bytes) left by a crash", err=True)
             engine = Engine(backend, journal, engine_config(params, model_dir), progress=progress)
-            return await engine.run(seeds)
+            result = await engine.run(seeds)
+            stats = getattr(backend, "stats", None)
+            if hasattr(stats, "prefill_s"):  # the local model: where its time went (prefill vs decode, batch fill)
+                import dataclasses
+
+                local = {k: round(v, 1) if isinstance(v, float) else v for k, v in dataclasses.asdict(stats).items()}
+                local["mean_batch_fill"] = round(stats.decode_tokens / stats.decode_steps, 2) if stats.decode_steps else None
+                result.metrics["local"] = local
+            return result
     finally:
         close = getattr(backend, "aclose", None)
         if close is not None:
             await close()
 
 
-RUN_KEYS = ("new", "replies_from_journal", "requests", "retries", "errors_by_kind", "wall_s", "transcripts_per_min")
+RUN_KEYS = ("new", "replies_from_journal", "requests", "retries", "errors_by_kind", "wall_s", "transcripts_per_min",
+            "local")
 
 
 @click.command()

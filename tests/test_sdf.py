@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -96,6 +97,22 @@ def test_parse_score_is_strict(reply, score, failure):
         assert parsed.failure is None
     else:
         assert failure in parsed.failure
+
+
+def _lp(probs: dict[str, float]) -> dict[str, float]:
+    return {token: math.log(p) for token, p in probs.items()}
+
+
+def test_expected_score_weighs_every_number_the_judge_could_have_written():
+    # Digit by digit (SmolLM2, LLaMA): the first digit's alternatives, completed with the digits written after it.
+    steps = [_lp({'{"': 1}), _lp({"score": 1}), _lp({'":': 1}), _lp({" ": 1}),
+             _lp({"3": 0.5, "7": 0.25, "x": 0.25}), _lp({"0": 1}), _lp({"}": 1})]
+    assert judge.expected_score('{"score": 30}', steps) == pytest.approx((0.5 * 30 + 0.25 * 70) / 0.75)
+    # Whole-number tokens (GPT-4o's tokenizer): each alternative is a score; out-of-range ones are left out.
+    steps = [_lp({'{"score": ': 1}), _lp({"87": 0.5, "90": 0.3, "250": 0.2}), _lp({"}": 1})]
+    assert judge.expected_score('{"score": 87}', steps) == pytest.approx((0.5 * 87 + 0.3 * 90) / 0.8)
+    assert judge.expected_score('{"score": 87}', None) is None
+    assert judge.expected_score('{"score": 87}', [_lp({"{": 1}), _lp({"}": 1})]) is None  # no number: no estimate
 
 
 def test_a_reply_cut_at_max_tokens_says_so():
@@ -276,7 +293,9 @@ def _run(project: Path, module: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", module], cwd=project, env=_env(project), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((project / f"reports/{module.split('.')[-1]}/report.json").read_text())
+    reports = project / "reports" / module.split(".")[-1]
+    # report.json: what the inputs decide; run.json: journal reuse and seconds
+    return {**json.loads((reports / "report.json").read_text()), **json.loads((reports / "run.json").read_text())}
 
 
 SAMPLE = {"prompts": [{"type": "packaged", "name": "general"}], "num_prompts": 4, "num_samples": 4,
@@ -361,6 +380,16 @@ def test_local_judge_is_constrained_to_a_parseable_score(sdf_project):
         for reply in replies:
             assert reply.text in judge.LOCAL_CHOICES and reply.finish_reason == "stop"
             assert judge.parse_score(reply.text).score is not None
+        # Each reply carries the judge's distribution at every step, over the allowed tokens only: at the score's
+        # first digit, the nine tens it could write; their probability-weighted mean is the judgment.
+        for reply in replies[:6]:
+            assert len(reply.top_logprobs) == reply.completion_tokens
+            digits = next(step for step in reply.top_logprobs if any(t.strip().isdigit() for t in step))
+            assert {t.strip() for t in digits} <= set("123456789")
+            assert sum(math.exp(v) for v in digits.values()) == pytest.approx(1.0, abs=1e-4)
+            weighted = judge.expected_score(reply.text, reply.top_logprobs)
+            assert 10 <= weighted <= 90
+            assert weighted == pytest.approx(sum(math.exp(v) * 10 * int(t) for t, v in digits.items()), rel=1e-4)
         # Too small a budget cannot spell a whole score: a recorded failure, not a made-up score.
         cut = backend.complete_sync(ChatRequest(**{**requests[0].__dict__, "max_tokens": 2}))
         assert cut.finish_reason == "length" and judge.parse_score(cut.text, cut.finish_reason).score is None

@@ -341,6 +341,10 @@ class TrainParams(Section):
     warmup_steps: int = Field(100, ge=0)
     eval_steps: int = Field(50, ge=1)
     """Evaluate on the validation split every N optimizer steps (and once before and after training)."""
+    eval_base: bool = True
+    """The val pass before training (the untrained adapter is the base: the loss to beat). The `evaluate` stage
+    measures base and adapter on the whole val split anyway; off saves that pass (an int8 pass on a CPU costs as
+    much as a few training steps)."""
     save_steps: int = Field(50, ge=1)
     """Checkpoint into models/checkpoints/<fingerprint>/ every N optimizer steps (a re-run resumes from it)."""
     logging_steps: int = Field(1, ge=1)
@@ -392,8 +396,12 @@ class EvaluateParams(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
     """Prompts generated together."""
+    engine: Literal["local", "generate"] = "local"
+    """local: the self-chat engine's local backend (continuous batching, adapters merged; a reply that ends frees
+    its row); generate: transformers' `model.generate`, `batch_size` prompts at a time, every row decoded until the
+    longest ends."""
     seed: int = 42
-    """Sampling seed; batch i uses seed + i, the same for base and adapter."""
+    """Sampling seed: the same for every model (local: prompt i uses seed + i; generate: batch i uses seed + i)."""
     max_context_tokens: int = Field(2048, ge=64)
     """Prompt budget; older turns are dropped beyond it (the Baize demo's default)."""
     prompt_format: Literal["training", "paper"] = "training"

@@ -255,6 +255,60 @@ def generate_answers(model, tokenizer, prompts: Sequence[dict[str, Any]], *, whi
     return out
 
 
+def generate_answers_served(model_dir: Path, adapters: dict[str, Path | None], tokenizer, prompts: Sequence[dict[str, Any]],
+                            *, which: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
+                            batch_size: int, seed: int, max_context_tokens: int, prompt_format: str = "training",
+                            chat_tokenizer: Any = None, dtype: str = "float32",
+                            progress: Any = None) -> dict[str, list[inference.Generation]]:
+    """What `generate_answers` returns, from the self-chat engine's local backend (continuous batching: a row that
+    stops frees its slot for the next, where `model.generate` decodes every row of a batch until the longest
+    one ends; at 512 new tokens and answers of ~150, most of its steps were padding).
+
+    `adapters` maps a model name to the adapter folder that serves it (None: the base; `base_chat` is the base).
+    The models that share weights (`base`, `base_chat`) share one batch. Every model gets the same requests, whose
+    sampling generator is seeded from the request (prompt, sampling, `seed` + the prompt's index): the same prompt
+    draws the same random stream whichever model answers it.
+    """
+    import asyncio
+
+    from baize.selfchat.backend import ChatRequest
+    from baize.selfchat.local_backend import LocalBackend
+
+    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens, prompt_format) for p in prompts]
+    chat_texts = None
+    if "base_chat" in which:
+        chat_texts = [chat_tokenizer.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False,
+                                                         add_generation_prompt=True) for p in prompts]
+
+    def requests(of: Sequence[str]) -> list[ChatRequest]:
+        return [ChatRequest(messages=[], model="eval", prompt=text, temperature=temperature, top_p=top_p,
+                            max_tokens=max_new_tokens, stop=list(inference.STOP_STRINGS), seed=seed + i)
+                for i, text in enumerate(of)]
+
+    groups: dict[Path | None, list[str]] = {}
+    for name in which:
+        groups.setdefault(None if name == "base_chat" else adapters.get(name), []).append(name)
+    out: dict[str, list[inference.Generation]] = {}
+    for adapter_dir, names in groups.items():
+        with LocalBackend(model_dir, adapter=adapter_dir, batch_size=batch_size, dtype=dtype, seed=seed) as backend:
+            async def run(batch: list[ChatRequest]):
+                async def one(request):
+                    reply = await backend.complete(request)
+                    if progress is not None:
+                        progress(1)
+                    return reply
+                return await asyncio.gather(*(one(r) for r in batch))
+
+            batch = [(name, r) for name in names for r in requests(chat_texts if name == "base_chat" else texts)]
+            replies = asyncio.run(run([r for _, r in batch]))
+        for (name, _), reply in zip(batch, replies, strict=True):
+            text = reply.text.strip()
+            reason = "length" if reply.finish_reason == "length" else ("stop" if reply.stop_string else "eos")
+            out.setdefault(name, []).append(inference.Generation(
+                text, reason, reply.stop_string, inference.count_tokens(tokenizer, text) if text else 0, reply.text))
+    return {name: out[name] for name in which}
+
+
 def format_metrics(generations: Sequence[inference.Generation]) -> dict[str, float]:
     """Share that stop by themselves (stop string or EOS before the limit), share with a role leak
     (`inference.has_role_leak`), share that are empty, and mean length in tokens and characters."""

@@ -18,6 +18,7 @@ so a re-run pays nothing twice.
 from __future__ import annotations
 
 import asyncio
+import math
 import json
 import re
 from dataclasses import dataclass
@@ -191,9 +192,12 @@ async def pairwise(backend: Backend, journal: Journal, rows: Sequence[dict[str, 
 # --------------------------------------------------------------------------- SDF: one score from 1 to 100 per answer
 
 SCORE_MIN, SCORE_MAX = 1, 100
-LOCAL_CHOICES = [json.dumps({"score": n}) for n in range(SCORE_MIN, SCORE_MAX + 1)]
-"""What the local judge may write: exactly `{"score": N}` (no rationale: a 135M model's would be noise, and
-tokens)."""
+LOCAL_CHOICES = [json.dumps({"score": n}) for n in range(10, 100, 10)]
+"""What the local judge may write: exactly `{"score": N}`, N a multiple of 10 from 10 to 90 (no rationale: a 135M
+model's would be noise, and tokens). Its greedy number is nearly always the same (with 1-100 a 135M judge wrote
+100 for every answer), so the judgment is the probability-weighted mean of the numbers it could write (G-Eval's
+score, `expected_score`); the first digit decides the number, so one step's distribution is the whole one."""
+LOCAL_TOP_LOGPROBS = 10
 SCORE_SCHEMA = {
     "type": "json_schema",
     "json_schema": {
@@ -247,7 +251,39 @@ def score_request(question: str, answer: str, *, template: str, model: str, max_
         max_tokens=max_tokens,
         response_format=SCORE_SCHEMA if constraint == "schema" else None,
         choices=LOCAL_CHOICES if constraint == "choices" else None,
+        top_logprobs=LOCAL_TOP_LOGPROBS if constraint == "choices" else None,
     )
+
+
+def expected_score(text: str, top_logprobs: list[dict[str, float]] | None) -> float | None:
+    """The probability-weighted mean of the scores the judge could have written at the step where its score
+    begins (G-Eval), or None without log-probabilities there.
+
+    The step is the first reply token with a digit; each alternative made of digits there gives the number it
+    would have started, completed with the digits the judge wrote after that token (a tokenizer that spells
+    numbers digit by digit: "3" + "0" = 30; one with whole-number tokens: "30"). Alternatives outside 1-100 and
+    non-numbers are left out; the rest are renormalized.
+    """
+    if not top_logprobs:
+        return None
+    written = ""
+    for step in top_logprobs:
+        chosen = max(step, key=step.get) if step else ""
+        if any(ch.isdigit() for ch in chosen) or not step:
+            rest = re.match(r"\d*", text[len(written) + len(chosen):]).group(0) if text.startswith(written) else ""
+            total = weighted = 0.0
+            for token, logprob in step.items():
+                digits = token.strip()
+                if not digits.isdigit():
+                    continue
+                value = int(digits + rest)
+                if SCORE_MIN <= value <= SCORE_MAX:
+                    p = math.exp(logprob)
+                    total += p
+                    weighted += p * value
+            return weighted / total if total > 0 else None
+        written += chosen
+    return None
 
 
 @dataclass(frozen=True)
@@ -323,7 +359,12 @@ async def judge_answers(
                     "cached": False, "prompt_tokens": 0, "completion_tokens": 0}
         stats["cached" if cached else "requests"] += 1
         parsed = parse_score(completion.text, completion.finish_reason)
-        return {"score": parsed.score, "rationale": parsed.rationale, "failure": parsed.failure,
+        score = parsed.score
+        if score is not None and completion.top_logprobs:
+            # The mean of what it could have written, not only the likeliest number (ties become rare).
+            weighted = expected_score(completion.text, completion.top_logprobs)
+            score = round(weighted, 2) if weighted is not None else score
+        return {"score": score, "rationale": parsed.rationale, "failure": parsed.failure,
                 "reply": completion.text, "cached": cached, "prompt_tokens": completion.prompt_tokens,
                 "completion_tokens": completion.completion_tokens}
 

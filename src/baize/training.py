@@ -613,7 +613,7 @@ def train(
     )
 
     base_eval: dict[str, float] = {}
-    if val_ds is not None and resume is None:
+    if val_ds is not None and resume is None and params.eval_base:
         # LoRA's B matrices start at zero, so the untrained adapter *is* the base model (the v1.5 model when
         # stacked): its val loss is the number to beat. (Skipped on resume: the adapter is no longer the base.)
         base_eval = trainer.evaluate(metric_key_prefix="base_eval")

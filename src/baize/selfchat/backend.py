@@ -43,11 +43,14 @@ class ChatRequest:
     """OpenAI `response_format`, e.g. `{"type": "json_schema", "json_schema": {...}}`."""
     choices: list[str] | None = None
     """The reply must be one of these strings (constrained decoding in the local backend)."""
+    top_logprobs: int | None = None
+    """Return this many most likely tokens, with their log-probabilities, at each step of the reply (OpenAI's
+    `logprobs` / `top_logprobs`): how sure the model was, e.g. of the score a judge wrote."""
 
     def key(self, backend: str) -> str:
         """sha256 of the whole request and the backend: a different model, template or sampling is a new key."""
         fields = asdict(self)
-        for name in ("seed", "prompt", "response_format", "choices"):
+        for name in ("seed", "prompt", "response_format", "choices", "top_logprobs"):
             if fields[name] is None:  # requests journaled before the field existed keep their keys
                 del fields[name]
         payload = json.dumps({"backend": backend, **fields}, sort_keys=True, ensure_ascii=False)
@@ -67,13 +70,22 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str = ""
+    top_logprobs: list[dict[str, float]] | None = None
+    """Per reply token, `{token text: log-probability}` of the most likely tokens there (when requested)."""
+    stop_string: str | None = None
+    """The stop string that ended the reply (local backend; `finish_reason` "stop" without one: an EOS token)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for name in ("top_logprobs", "stop_string"):
+            if out[name] is None:  # journal lines as before the fields existed
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Completion:
-        return cls(**{k: data.get(k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "model")})
+        return cls(**{k: data.get(k) for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "model",
+                                               "top_logprobs", "stop_string")})
 
 
 @runtime_checkable

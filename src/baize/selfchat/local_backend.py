@@ -94,6 +94,8 @@ class _Job:
     next_pos: int = 0  # RoPE position of the next token fed for this row (= real tokens so far)
     scanned: int = 0  # characters of decoded text already searched for stop strings
     node: dict | None = None  # `choices` requests: the trie node of the tokens so far ({} = a whole choice)
+    top_logprobs: int = 0  # > 0: keep the k most likely tokens of each step (after the constraint) in `logprobs`
+    logprobs: list[dict[str, float]] = field(default_factory=list)
 
 
 class LocalBackend:
@@ -268,6 +270,7 @@ class LocalBackend:
             generator=generator,
             future=concurrent.futures.Future(),
             node=self._choice_trie(request.choices) if request.choices is not None else None,
+            top_logprobs=int(request.top_logprobs or 0),
         )
 
     def _choice_trie(self, choices: list[str]) -> dict:
@@ -407,7 +410,13 @@ class LocalBackend:
 
     def _advance(self, logits: torch.Tensor, rows: list[_Job], state: dict, only_from: int) -> None:
         """Sample one token for rows[only_from:], finish the ones that are done, and drop them from the batch."""
-        tokens = _sample(_constrain(logits.float(), rows[only_from:]), rows[only_from:])
+        logits = _constrain(logits.float(), rows[only_from:])
+        tokens = _sample(logits, rows[only_from:])
+        for offset, job in enumerate(rows[only_from:]):
+            if job.top_logprobs:  # of the model's distribution (temperature 1), over the allowed tokens
+                values, ids = logits[offset].log_softmax(-1).topk(job.top_logprobs)
+                job.logprobs.append({self.tokenizer.decode([int(i)]): float(v)
+                                     for v, i in zip(values, ids, strict=True) if v > float("-inf")})
         finished: list[int] = []
         for offset, token in enumerate(tokens):
             index = only_from + offset
@@ -462,7 +471,9 @@ class LocalBackend:
 
     def _completion(self, job: _Job, ids: list[int], reason: str, cut: int | None = None) -> Completion:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        which = None
         if cut is not None:
+            which = next((s for s in job.stop if text.startswith(s, cut)), None)
             text = text[:cut]
         return Completion(
             text=text,
@@ -470,6 +481,8 @@ class LocalBackend:
             prompt_tokens=len(job.prompt_ids),
             completion_tokens=len(job.generated),  # every token generated, the one that ended it included
             model=self.model_name,
+            top_logprobs=job.logprobs if job.top_logprobs else None,
+            stop_string=which,
         )
 
     @staticmethod

@@ -54,14 +54,33 @@ def chat_body(request: ChatRequest) -> dict:
         body["seed"] = request.seed
     if request.response_format is not None:
         body["response_format"] = request.response_format
+    if request.top_logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = request.top_logprobs
     return body
 
 
 def completion_body(request: ChatRequest) -> dict:
     """The (legacy) Completions request body for a raw-prompt request: no chat template on the server."""
-    body = {k: v for k, v in chat_body(request).items() if k not in ("messages", "response_format")}
+    body = {k: v for k, v in chat_body(request).items()
+            if k not in ("messages", "response_format", "logprobs", "top_logprobs")}
     body["prompt"] = request.prompt
+    if request.top_logprobs:  # the Completions API's form: an integer
+        body["logprobs"] = request.top_logprobs
     return body
+
+
+def _top_logprobs(choice, raw_prompt: bool) -> list[dict[str, float]] | None:
+    """`[{token: logprob}]` per reply token from a reply's `logprobs` (Chat: `content[i].top_logprobs`;
+    Completions: `top_logprobs[i]`), or None when the server sent none."""
+    logprobs = getattr(choice, "logprobs", None)
+    if logprobs is None:
+        return None
+    if raw_prompt:
+        steps = getattr(logprobs, "top_logprobs", None) or []
+        return [dict(step or {}) for step in steps] or None
+    content = getattr(logprobs, "content", None) or []
+    return [{alt.token: alt.logprob for alt in (step.top_logprobs or [])} for step in content] or None
 
 
 def retry_after_s(response) -> float | None:
@@ -177,6 +196,7 @@ class OpenAIBackend:
             prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
             completion_tokens=(usage.completion_tokens or 0) if usage else 0,
             model=response.model or "",
+            top_logprobs=_top_logprobs(choice, raw_prompt),
         )
 
     def _message(self, exc: BaseException) -> str:
