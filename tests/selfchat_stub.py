@@ -26,6 +26,8 @@ TOPIC = re.compile(r"about the topic: '(.*?)'\. Human statements", re.S)
 
 def body_key(body: dict) -> str:
     fields = {k: body.get(k) for k in ("model", "messages", "temperature", "top_p", "max_tokens", "stop")}
+    if body.get("seed") is not None:  # a re-asked turn: the same messages with another sampling seed
+        fields["seed"] = body["seed"]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

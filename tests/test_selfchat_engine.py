@@ -396,3 +396,49 @@ def test_a_journal_line_that_is_json_but_no_record_is_one_line_naming_file_and_l
         Journal(path).open()
     assert "\n" not in str(info.value)
     assert path.read_bytes() == b"\n".join(lines) + b"\n"  # nothing cut off: it is no torn write
+
+
+def test_the_judge_records_a_refused_request_and_stops_on_a_run_wide_error_after_journaling(tmp_path):
+    """The LLM judge shares the rules: a 400 leaves that row unjudged with its error and status, the others are
+    judged; a 401 stops it only after the verdicts in flight are journaled (0 paid twice on the re-run)."""
+    from baize import judge
+
+    rows = [{"id": f"q{i}", "question": f"Question {i}?", "base": {"text": "b"}, "adapter": {"text": f"a{i}"}}
+            for i in range(6)]
+    mode = {"status": "400"}
+
+    def script(body, n):
+        content = body["messages"][-1]["content"]
+        if mode["status"] == "400" and "Question 2?" in content:
+            return "400"
+        if mode["status"] == "401":
+            if "Question 0?" in content:
+                return "401"
+            time.sleep(0.5)
+        return "ok"
+
+    async def go(stub):
+        backend = OpenAIBackend(base_url=stub.url, concurrency=4, max_retries=0)
+        try:
+            with Journal(tmp_path / "judge.jsonl") as j:
+                return await judge.judge_rows(backend, j, rows, model="stub", reference="base")
+        finally:
+            await backend.aclose()
+
+    with StubServer(script=script) as stub:
+        judged, summary = asyncio.run(go(stub))
+        assert judged[2]["error"]["status"] == 400 and judged[2]["error"]["reason"] == "request_rejected"
+        assert summary["failed"] == 1 and all("error" not in j for i, j in enumerate(judged) if i != 2)
+        rows += [{"id": f"q{i}", "question": f"Question {i}?", "base": {"text": "b"}, "adapter": {"text": f"a{i}"}}
+                 for i in range(6, 10)]
+        rows[0] = {**rows[0], "adapter": {"text": "another answer"}}  # a new verdict for q0
+        mode["status"] = "401"
+        with pytest.raises(PermanentError) as info:
+            asyncio.run(go(stub))
+        with Journal(tmp_path / "judge.jsonl") as j:
+            assert len(j.replies) == sum(stub.state.ok_counts.values())  # every paid verdict is journaled
+        assert "replies in flight at the stop were journaled" in str(info.value)
+        mode["status"] = "ok"
+        judged, summary = asyncio.run(go(stub))
+        assert summary["failed"] == 0 and len(judged) == 10
+        assert max(stub.state.ok_counts.values()) == 1  # 0 paid twice

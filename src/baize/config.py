@@ -178,6 +178,12 @@ class SelfChatParams(Section):
     """Per request; a request past it is retried."""
     max_retries: int = Field(8, ge=0)
     """Retries of one request on 429/5xx/timeouts/dropped connections before the seed is a recorded failure."""
+    max_retry_after_s: float = Field(120, gt=0)
+    """The longest `Retry-After` honoured: a server asking to wait longer (hours, on some quotas) makes that seed a
+    recorded failure (`retry_after_too_long`; a re-run tries again) instead of a sleep."""
+    stop_grace_s: float = Field(60, gt=0)
+    """On Ctrl-C / SIGTERM (or an error that concerns every request: 401, 403, 404 unknown model, no quota): no new
+    request starts, and the requests in flight get this long to finish and be journaled (a second Ctrl-C aborts)."""
     batch_size: int = Field(16, ge=1)
     """Local backend: sequences generated together."""
     local_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
