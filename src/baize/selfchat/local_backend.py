@@ -88,6 +88,10 @@ class _Job:
     generated: list[int] = field(default_factory=list)
     next_pos: int = 0  # RoPE position of the next token fed for this row (= real tokens so far)
     scanned: int = 0  # characters of decoded text already searched for stop strings
+    abandoned: bool = False  # the caller was cancelled: a running future cannot be, so the worker drops the row
+
+    def gone(self) -> bool:
+        return self.abandoned or self.future.cancelled()
 
 
 class LocalBackend:
@@ -165,7 +169,15 @@ class LocalBackend:
     async def complete(self, request: ChatRequest) -> Completion:
         job = self._make_job(request)
         self._submit(job)
-        return await asyncio.wrap_future(job.future)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            # A queued job's future is cancelled outright; a running one's cannot be (concurrent.futures), so it is
+            # marked: the worker drops its row at the next step and the slot goes to a waiting request, instead of
+            # generating up to max_tokens for nobody (a stopped run, a seed given up on).
+            job.abandoned = True
+            job.future.cancel()
+            raise
 
     def complete_sync(self, request: ChatRequest) -> Completion:
         """Blocking variant for scripts and tests outside an event loop."""
@@ -285,7 +297,7 @@ class LocalBackend:
                 if waiting and free > 0 and (not rows or free >= min(self.admit_min, len(waiting))):
                     while waiting and len(group) < free:
                         job = waiting.popleft()
-                        if job.future.set_running_or_notify_cancel():  # False: the caller went away
+                        if not job.abandoned and job.future.set_running_or_notify_cancel():  # else: the caller went away
                             group.append(job)
                     if group:
                         self._admit(group, rows, state)
@@ -365,12 +377,12 @@ class LocalBackend:
             job = rows[index]
             job.generated.append(token)
             result = self._finish_if_done(job)
-            if result is not None or job.future.cancelled():
+            if result is not None or job.gone():
                 finished.append(index)
                 if result is not None and not job.future.done():
                     job.future.set_result(result)
         # Rows whose caller gave up are dropped too.
-        finished += [i for i, job in enumerate(rows[:only_from]) if job.future.cancelled()]
+        finished += [i for i, job in enumerate(rows[:only_from]) if job.gone()]
         if finished:
             keep = [i for i in range(len(rows)) if i not in set(finished)]
             rows[:] = [rows[i] for i in keep]
