@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from baize.errors import InputError
+from baize.errors import InputError, json_line
 from baize.selfchat.engine import Engine, EngineConfig, RunResult, Seed
 from baize.selfchat.journal import Journal
 from baize.transcript import atomic_write_text, write_jsonl
@@ -32,10 +32,7 @@ def read_seeds(path: Path) -> list[Seed]:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(path, lineno, f"invalid JSON: {exc}") from None
+            obj = json_line(raw, path, lineno)
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
                 raise InputError(path, lineno, 'expected an object with a non-empty string "text"')
             seed_id = str(obj.get("id") or hashlib.sha256(obj["text"].encode()).hexdigest()[:16])
