@@ -227,3 +227,39 @@ def test_a_second_ctrl_c_aborts_the_wait(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: selfchat interrupted by SIGINT: 0/8 seeds finished") and "aborted" in last
+
+
+def test_the_local_judge_is_keyed_by_the_local_models_identity(tmp_path, monkeypatch):
+    """The local judge answers with models/base, whatever `judge.model` says: its journal keys name that model's
+    files and dtype, so another base model never reuses its verdicts."""
+    from baize.config import EvaluateParams
+    from baize.selfchat import local_backend
+    from baize.selfchat.backend import Completion
+    from stages import evaluate
+    from stages.selfchat import local_model_id
+
+    seen = []
+
+    class FakeLocal:
+        name = "local"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        async def complete(self, request):
+            seen.append(request.model)
+            return Completion("8 6", "stop", 1, 1, "fake")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(local_backend, "LocalBackend", FakeLocal)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    params = EvaluateParams.model_validate(
+        {"judge": {"enabled": True, "backend": "local", "cache": str(tmp_path / "judge.jsonl")}}
+    )
+    rows = [{"id": "q0", "question": "Why?", "base": {"text": "b"}, "adapter": {"text": "a"}}]
+    judged, summary = evaluate._judge(params, tmp_path, rows)
+    assert summary["judged"] == 1
+    assert set(seen) == {local_model_id(tmp_path, params.dtype)} and "gpt-4o-mini" not in seen

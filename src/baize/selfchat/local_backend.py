@@ -55,6 +55,28 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def model_identity(model_dir: str | Path, dtype: str) -> str:
+    """`local:<hash of the model's files>:<dtype>`: the `model` of a local request, so a different base model, or
+    the same one computing in another dtype (greedy text differs with the rounding), never reuses journaled
+    replies. The self-chat stage and the local LLM judge both key their journals by it."""
+    return f"{_files_id(Path(model_dir))}:{resolve_dtype(dtype)}"
+
+
+def _files_id(model_dir: Path) -> str:
+    source = model_dir / "source.json"
+    if source.is_file():
+        files = json.loads(source.read_text(encoding="utf-8")).get("files") or {}
+        if files:
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            return f"local:{digest[:16]}"
+    digest = hashlib.sha256()
+    for p in sorted(model_dir.glob("*")):
+        if p.is_file() and p.suffix in {".safetensors", ".json"}:
+            digest.update(p.name.encode())
+            digest.update(p.read_bytes())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
 @dataclass
 class LocalStats:
     """Where the worker's time went: prompt prefill vs batched decode steps (and how full the batch was)."""
