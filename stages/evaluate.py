@@ -48,21 +48,30 @@ def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict]) -> tuple[li
     from baize import judge
     from baize.selfchat.journal import Journal
 
+    from baize.selfchat.stopping import Stopper
+
     jp = params.judge
+    model = jp.model
     if jp.backend == "local":
-        from baize.selfchat.local_backend import LocalBackend
+        from baize.selfchat.local_backend import LocalBackend, model_identity
 
         backend = LocalBackend(base_dir, batch_size=params.batch_size, seed=params.seed, dtype=params.dtype)
+        # Keyed by the local model's files and dtype, not by the `judge.model` name it does not use.
+        model = model_identity(base_dir, params.dtype)
     else:
         from baize.selfchat.openai_backend import OpenAIBackend
 
         backend = OpenAIBackend(base_url=jp.base_url, concurrency=jp.concurrency)
+
+    async def go(journal):
+        stopper = Stopper(what="judge")  # Ctrl-C / SIGTERM: the verdicts in flight are journaled first
+        with stopper.signals_handled():
+            return await judge.judge_rows(backend, journal, rows, model=model, reference=jp.reference,
+                                          max_tokens=jp.max_tokens, stopper=stopper)
+
     try:
         with Journal(jp.cache) as journal:
-            return asyncio.run(
-                judge.judge_rows(backend, journal, rows, model=jp.model, reference=jp.reference,
-                                 max_tokens=jp.max_tokens)
-            )
+            return asyncio.run(go(journal))
     finally:
         close = getattr(backend, "close", None)
         if close:
