@@ -55,31 +55,38 @@ def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict], models: lis
     from baize import judge
     from baize.selfchat.journal import Journal
 
+    from baize.selfchat.stopping import Stopper
+
     jp = params.judge
+    model = jp.model
     if jp.backend == "local":
-        from baize.selfchat.local_backend import LocalBackend
+        from baize.selfchat.local_backend import LocalBackend, model_identity
 
         backend = LocalBackend(base_dir, batch_size=params.batch_size, seed=params.seed, dtype=params.dtype)
+        # Keyed by the local model's files and dtype, not by the `judge.model` name it does not use.
+        model = model_identity(base_dir, params.dtype)
     else:
         from baize.selfchat.openai_backend import OpenAIBackend
 
         backend = OpenAIBackend(base_url=jp.base_url, concurrency=jp.concurrency)
 
-    async def everything() -> dict:
+    async def everything(journal) -> dict:
+        stopper = Stopper(what="judge")  # Ctrl-C / SIGTERM: the verdicts in flight are journaled first
         out: dict = {"single": {}, "pairwise": {}}
-        for name in models:
-            judged, summary = await judge.judge_rows(backend, journal, rows, model=jp.model, reference=jp.reference,
-                                                     answer_key=name, max_tokens=jp.max_tokens)
-            out["single"][name] = {"summary": summary, "by_category": _by_category(rows, judged), "rows": judged}
-        for a, b in pairs:
-            results, summary = await judge.pairwise(backend, journal, rows, a, b, model=jp.model,
-                                                    max_tokens=jp.max_tokens)
-            out["pairwise"][f"{a}_vs_{b}"] = {"summary": summary, "rows": results}
+        with stopper.signals_handled():
+            for name in models:
+                judged, summary = await judge.judge_rows(backend, journal, rows, model=model, reference=jp.reference,
+                                                         answer_key=name, max_tokens=jp.max_tokens, stopper=stopper)
+                out["single"][name] = {"summary": summary, "by_category": _by_category(rows, judged), "rows": judged}
+            for a, b in pairs:
+                results, summary = await judge.pairwise(backend, journal, rows, a, b, model=model,
+                                                        max_tokens=jp.max_tokens)
+                out["pairwise"][f"{a}_vs_{b}"] = {"summary": summary, "rows": results}
         return out
 
     try:
         with Journal(jp.cache) as journal:
-            return asyncio.run(everything())
+            return asyncio.run(everything(journal))
     finally:
         close = getattr(backend, "close", None)
         if close:

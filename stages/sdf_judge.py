@@ -63,20 +63,19 @@ def main(samples_path: Path, model_dir: Path, adapter_dir: Path, out_dir: Path, 
     template = judge.load_judge_prompt(params.prompt, _common.project_root())
     samples = sdf.read_jsonl(samples_path, ("prompt_id", "prompt", "sample", "text", "failure"))
     if params.backend == "local":
-        from baize.selfchat.local_backend import resolve_dtype
-        from baize.training import base_model_sha256
+        from baize.selfchat.local_backend import model_identity
 
-        model_id, endpoint = f"local:{base_model_sha256(model_dir)[:16]}:{resolve_dtype(params.local_dtype)}", None
+        model_id = model_identity(model_dir, params.local_dtype)  # the judge's files and dtype
         constraint = "choices"
     else:
-        model_id, endpoint = params.model, params.base_url or "api.openai.com"
+        model_id = params.model  # the backend adds its base_url to every journal key
         constraint = "schema" if params.structured else None
     # A sample that failed (or is empty) is not worth a judge call: it keeps its failure.
     todo = [s for s in samples if s["failure"] is None]
     items = [{"question": s["prompt"], "answer": s["text"]} for s in todo]
     judged, stats = asyncio.run(_judge(make_backend(params, model_dir), out_dir / "judge_journal.jsonl", items,
                                        template=template, model=model_id, max_tokens=params.max_tokens,
-                                       constraint=constraint, endpoint=endpoint))
+                                       constraint=constraint))
     verdicts = {id(s): j for s, j in zip(todo, judged, strict=True)}
     records = []
     for s in samples:

@@ -45,7 +45,7 @@ def make_backend(params, model_dir: Path, adapter_dir: Path):
     return LocalBackend(model_dir, adapter=adapter_dir, batch_size=params.batch_size, dtype=params.local_dtype)
 
 
-async def _sample(params, backend, journal_path: Path, requests, endpoint):
+async def _sample(params, backend, journal_path: Path, requests):
     done = 0
 
     def progress() -> None:
@@ -56,7 +56,7 @@ async def _sample(params, backend, journal_path: Path, requests, endpoint):
 
     try:
         with Journal(journal_path) as journal:
-            return await sdf.sample_answers(backend, journal, requests, endpoint=endpoint, progress=progress)
+            return await sdf.sample_answers(backend, journal, requests, progress=progress)
     finally:
         close = getattr(backend, "aclose", None)
         if close is not None:
@@ -87,12 +87,12 @@ def main(model_dir: Path, adapter_dir: Path, seeds_path: Path, transcripts_path:
                    "are available; using them all", err=True)
     tokenizer = inference.load_tokenizer(model_dir)
     if params.backend == "local":
-        model_id, endpoint = local_model_id(model_dir, adapter_dir, params.local_dtype), None
+        model_id = local_model_id(model_dir, adapter_dir, params.local_dtype)
     else:
-        model_id, endpoint = params.model, params.base_url
+        model_id = params.model  # the backend adds its base_url to every journal key
     requests = sdf.sample_requests(prompts, params, model=model_id, tokenizer=tokenizer)
     backend = make_backend(params, model_dir, adapter_dir)
-    samples = asyncio.run(_sample(params, backend, out_dir / "sample_journal.jsonl", requests, endpoint))
+    samples = asyncio.run(_sample(params, backend, out_dir / "sample_journal.jsonl", requests))
 
     metrics = {"prompts": prompt_metrics, **sdf.sample_metrics(samples), "model": model_id}
     # How many answers came from the journal depends on earlier runs, not on the inputs: run.json, not dvc.lock.

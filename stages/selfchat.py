@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from baize.errors import InputError
+from baize.errors import InputError, json_line
 from baize.selfchat.engine import Engine, EngineConfig, RunResult, Seed
 from baize.selfchat.journal import Journal
 from baize.transcript import atomic_write_text, write_jsonl
@@ -32,10 +32,7 @@ def read_seeds(path: Path) -> list[Seed]:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(path, lineno, f"invalid JSON: {exc}") from None
+            obj = json_line(raw, path, lineno)
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
                 raise InputError(path, lineno, 'expected an object with a non-empty string "text"')
             seed_id = str(obj.get("id") or hashlib.sha256(obj["text"].encode()).hexdigest()[:16])
@@ -49,26 +46,10 @@ def read_seeds(path: Path) -> list[Seed]:
 
 
 def local_model_id(model_dir: Path, dtype: str) -> str:
-    """`local:<hash of the model's files>:<dtype>`: a different base model, or the same one computing in another
-    dtype (greedy text differs with the rounding), never reuses journaled replies."""
-    from baize.selfchat.local_backend import resolve_dtype  # torch: only for the local backend
+    """The local model's identity in journal keys (`baize.selfchat.local_backend.model_identity`)."""
+    from baize.selfchat.local_backend import model_identity  # torch: only for the local backend
 
-    return f"{_files_id(model_dir)}:{resolve_dtype(dtype)}"
-
-
-def _files_id(model_dir: Path) -> str:
-    source = model_dir / "source.json"
-    if source.is_file():
-        files = json.loads(source.read_text(encoding="utf-8")).get("files") or {}
-        if files:
-            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-            return f"local:{digest[:16]}"
-    digest = hashlib.sha256()
-    for p in sorted(model_dir.glob("*")):
-        if p.is_file() and p.suffix in {".safetensors", ".json"}:
-            digest.update(p.name.encode())
-            digest.update(p.read_bytes())
-    return f"local:{digest.hexdigest()[:16]}"
+    return model_identity(model_dir, dtype)
 
 
 def make_backend(params, model_dir: Path):
@@ -82,6 +63,7 @@ def make_backend(params, model_dir: Path):
             tokens_per_minute=params.tokens_per_minute,
             timeout_s=params.timeout_s,
             max_retries=params.max_retries,
+            max_retry_after_s=params.max_retry_after_s,
         )
     if params.backend == "openai-batch":
         from baize.selfchat.batch_backend import OpenAIBatchBackend
@@ -121,6 +103,7 @@ def engine_config(params, model_dir: Path) -> EngineConfig:
         concurrency=params.concurrency,
         max_cost_usd=params.max_cost_usd,
         max_total_tokens=params.max_total_tokens,
+        stop_grace_s=params.stop_grace_s,
         price_in_per_1m=price.input_per_1m if price else 0.0,
         price_out_per_1m=price.output_per_1m if price else 0.0,
     )
@@ -133,7 +116,9 @@ async def run(params, seeds: list[Seed], model_dir: Path, journal_path: Path, pr
             if journal.torn_bytes:
                 click.echo(f"journal: dropped a torn last line ({journal.torn_bytes} bytes) left by a crash", err=True)
             engine = Engine(backend, journal, engine_config(params, model_dir), progress=progress)
-            result = await engine.run(seeds)
+            # Ctrl-C / SIGTERM: no new request, the ones in flight finish and are journaled, one line, exit 128+N.
+            with engine.stopper.signals_handled():
+                result = await engine.run(seeds)
             stats = getattr(backend, "stats", None)
             if hasattr(stats, "prefill_s"):  # the local model: where its time went (prefill vs decode, batch fill)
                 import dataclasses

@@ -2,7 +2,8 @@
 
 It answers Chat Completions with a deterministic self-chat reply and can misbehave on demand: latency, a
 requests-per-minute limit answered with 429 + Retry-After, scripted 429/500/hang/malformed/401/400 replies.
-It counts requests per request key (a hash of the body), so tests can prove nothing was requested twice.
+It counts requests per request key (a hash of the body), and 200 replies per key (`ok_counts`: what was paid for),
+so tests can prove nothing was requested, or paid, twice.
 It also implements the four Batch API calls the `openai-batch` backend uses (files, batches), the Completions call
 (raw prompts), and can answer with any text (`reply`: e.g. a judge's JSON, or a broken one); every request body is
 kept in `bodies`.
@@ -27,6 +28,8 @@ TOPIC = re.compile(r"about the topic: '(.*?)'\. Human statements", re.S)
 
 def body_key(body: dict) -> str:
     fields = {k: body.get(k) for k in ("model", "messages", "temperature", "top_p", "max_tokens", "stop")}
+    if body.get("seed") is not None:  # a re-asked turn: the same messages with another sampling seed
+        fields["seed"] = body["seed"]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -183,6 +186,18 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}", "invalid_api_key")
         if action == "400":
             return self._error(400, "Invalid value for 'max_tokens'", "invalid_request_error")
+        if action in ("413", "422"):  # one request too large / unprocessable
+            return self._error(int(action), f"request refused ({action})", "invalid_request_error")
+        if action == "403":
+            return self._error(403, "You are not allowed to use this model", "permission_denied")
+        if action == "404":
+            return self._error(404, f"The model '{body.get('model')}' does not exist", "model_not_found")
+        if action == "quota":  # OpenAI's "out of credit": a 429 that no wait will fix
+            return self._send(429, {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                                              "code": "insufficient_quota"}})
+        if action == "429_long":  # a quota window: "come back in two hours"
+            return self._error(429, "Rate limit reached for requests per day", "rate_limit_exceeded",
+                               {"retry-after": "7200"})
         if action == "malformed":
             return self._send(200, _completion(body, "I am sorry, I cannot write that conversation."))
         if action == "empty_choices":

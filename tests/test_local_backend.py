@@ -212,3 +212,27 @@ def test_model_error_fails_the_requests_in_flight_and_the_backend_recovers(backe
     with pytest.raises(BaizeError, match="simulated kernel failure"):
         backend.complete_sync(request)
     assert backend.complete_sync(request).completion_tokens == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_cancelled_request_frees_its_batch_slot(base_model_dir):
+    """A caller that gives up (a stopped run, a seed's task cancelled) must not leave its row generating to
+    max_tokens: with one slot, the next request starts as soon as the first is cancelled."""
+    import time
+
+    with LocalBackend(base_model_dir, batch_size=1, admit_min=1, dtype="float32") as b:
+        b.eos_ids = [-1]  # never stops by itself: only max_tokens (or the cancel) ends the first request
+
+        async def go():
+            first = asyncio.create_task(b.complete(greedy(human_turn_messages(SEEDS[0], []), max_tokens=1500)))
+            while b.stats.decode_steps < 3:
+                await asyncio.sleep(0.01)
+            first.cancel()
+            started = time.monotonic()
+            second = await asyncio.wait_for(b.complete(greedy(human_turn_messages(SEEDS[1], []), max_tokens=3)), 20)
+            return time.monotonic() - started, second
+
+        waited, second = asyncio.run(go())
+        steps = b.stats.decode_steps
+    assert second.completion_tokens == 3 and second.finish_reason == "length"
+    assert waited < 10 and steps < 50  # not the 1,500 steps the abandoned row would have run

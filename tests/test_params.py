@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,79 @@ def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path, bad):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: params.yaml: "), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+# ---------------------------------------------------------------- issue 14: a typo costs nothing
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'm.db'}",
+           "BAIZE_PIPELINE_ID": "test", "DVC_NO_ANALYTICS": "1"}
+    dvc = Path(sys.executable).with_name("dvc")
+    return subprocess.run([str(dvc), *args], cwd=project, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_bad_params_value_stops_dvc_repro_before_any_output_is_deleted(tmp_path):
+    """The real dvc.yaml's `params` and `seed` stages in a scratch project: a typo in params.yaml stops `dvc repro`
+    at the `params` stage (exit 2 line), and the seed stage's previous output is still there; a change to another
+    section re-runs no stage that does not read it."""
+    import shutil
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    project = tmp_path / "p"
+    project.mkdir()
+    for name in ("stages", "src/baize/seeds"):
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "src/baize/config.py", project / "src/baize/config.py")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"params": spec["params"], "seed": spec["seed"]}}))
+    params = yaml.safe_load((ROOT / "profiles/micro.yaml").read_text())
+    params["tracking"]["log_artifacts"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    assert _dvc(project, "init", "-q").returncode == 0
+
+    first = _dvc(project, "repro", "seed")
+    assert first.returncode == 0, first.stdout + first.stderr
+    seeds = (project / "data/seeds/seeds.jsonl").read_bytes()
+    assert json.loads((project / "reports/params/selfchat.json").read_text())["max_retry_after_s"] == 120  # defaults
+
+    for section, key, value, needle in [
+        ("seed", "num_seeds", "six", "seed.num_seeds = 'six'"),  # the stage's own section
+        ("selfchat", "temprature", 0.7, "unknown key 'selfchat.temprature'"),  # a section it does not read
+    ]:
+        bad = {**params, section: {**params[section], key: value}}
+        (project / "params.yaml").write_text(yaml.safe_dump(bad))
+        proc = _dvc(project, "repro", "seed")
+        assert proc.returncode != 0
+        assert needle in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+        assert (project / "data/seeds/seeds.jsonl").read_bytes() == seeds  # nothing deleted
+
+    changed = {**params, "train": {**params["train"], "lora_r": 4}}
+    (project / "params.yaml").write_text(yaml.safe_dump(changed))
+    proc = _dvc(project, "repro", "seed")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Stage 'seed' didn't change, skipping" in proc.stdout  # its section's resolved file is unchanged
+
+
+def test_params_check_prints_resolved_values_and_exits_2_on_a_bad_value(tmp_path):
+    from click.testing import CliRunner
+
+    from baize.cli import main
+
+    runner = CliRunner()
+    ok = runner.invoke(main, ["params", "check", str(ROOT / "profiles/micro.yaml")])
+    assert ok.exit_code == 0, ok.output
+    assert "  max_retry_after_s: 120.0  # default" in ok.output and "  num_seeds: 6\n" in ok.output
+    bad = yaml.safe_load((ROOT / "params.yaml").read_text())
+    bad["train"]["lora_r"] = "eight"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    proc = runner.invoke(main, ["params", "check", str(tmp_path / "params.yaml")])
+    assert proc.exit_code == 2
+    assert proc.output.strip().splitlines() == [
+        f"error: {tmp_path / 'params.yaml'}: train.lora_r = 'eight': Input should be a valid integer"
+    ]
+    proc = subprocess.run([str(Path(sys.executable).with_name("baize")), "params", "check", "--profile", "paper"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "base: huggyllama/llama-7b" in proc.stdout, proc.stderr

@@ -155,7 +155,7 @@ def test_openai_judge_against_a_stub_records_each_broken_reply_and_pays_once(tmp
         try:
             with Journal(journal_path) as journal:
                 return await judge.judge_answers(backend, journal, items, template=template, model="judge-1",
-                                                 max_tokens=64, constraint="schema", endpoint=url)
+                                                 max_tokens=64, constraint="schema")
         finally:
             await backend.aclose()
 
@@ -486,7 +486,7 @@ def test_sampling_through_an_openai_compatible_server_sends_the_raw_baize_prompt
         backend = OpenAIBackend(base_url=url)
         try:
             with Journal(tmp_path / "s.jsonl") as journal:
-                return await sdf.sample_answers(backend, journal, requests, endpoint=url)
+                return await sdf.sample_answers(backend, journal, requests)
         finally:
             await backend.aclose()
 

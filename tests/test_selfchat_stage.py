@@ -167,3 +167,99 @@ def test_local_replies_are_keyed_by_model_files_and_dtype(tmp_path):
     assert local_model_id(tmp_path, "auto") in (fp32, bf16)
     (tmp_path / "model.safetensors").write_bytes(b"weights v2")
     assert local_model_id(tmp_path, "float32") != fp32
+
+
+def _wait_for_replies(journal: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (journal.exists() and journal_replies(journal) >= n):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_requests_in_flight_are_journaled_and_nothing_is_paid_twice(tmp_path, signum):
+    """Ctrl-C / SIGTERM mid-run (4 requests on the wire, 0.4 s each): no new request starts, the ones in flight are
+    answered and journaled, the stage exits 128+N with one summary line; the re-run pays for nothing twice."""
+    slow = {"on": True}
+    script = lambda body, n: (time.sleep(0.4) if slow["on"] else None) or "ok"  # noqa: E731
+    with StubServer(script=script, human_rounds=2) as stub:
+        setup(tmp_path, stub.url, n=20)
+        journal = tmp_path / "data/selfchat/journal.jsonl"
+        proc = subprocess.Popen(command(), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _wait_for_replies(journal, 10, proc)
+        os.kill(proc.pid, signum)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 5  # the 4 in flight finish, nothing new starts
+        assert proc.returncode == 128 + signum, err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: selfchat interrupted by {signum.name}: ") and "replies in flight" in last
+        paid, recorded = sum(stub.state.ok_counts.values()), journal_replies(journal)
+        assert paid == recorded < 100  # every reply paid for is on disk
+        assert not (tmp_path / "data/selfchat/transcripts.jsonl").exists()
+
+        slow["on"] = False
+        done = stage(tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert max(stub.state.ok_counts.values()) == 1 and sum(stub.state.ok_counts.values()) == 100  # 0 paid twice
+    assert len((tmp_path / "data/selfchat/transcripts.jsonl").read_text().splitlines()) == 20
+
+
+def test_a_second_ctrl_c_aborts_the_wait(tmp_path):
+    script = lambda body, n: (time.sleep(20) if n == 1 else None) or "ok"  # noqa: E731  (every request hangs 20 s)
+    with StubServer(script=script) as stub:
+        setup(tmp_path, stub.url, n=8, stop_grace_s=60)
+        proc = subprocess.Popen(command(), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while sum(stub.counts.values()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # waiting for the 4 in flight
+        os.kill(proc.pid, signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 5
+        stub.state.stopping.set()
+    assert proc.returncode == 130 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: selfchat interrupted by SIGINT: 0/8 seeds finished") and "aborted" in last
+
+
+def test_the_local_judge_is_keyed_by_the_local_models_identity(tmp_path, monkeypatch):
+    """The local judge answers with models/base, whatever `judge.model` says: its journal keys name that model's
+    files and dtype, so another base model never reuses its verdicts."""
+    from baize.config import EvaluateParams
+    from baize.selfchat import local_backend
+    from baize.selfchat.backend import Completion
+    from stages import evaluate
+    from stages.selfchat import local_model_id
+
+    seen = []
+
+    class FakeLocal:
+        name = "local"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        async def complete(self, request):
+            seen.append(request.model)
+            return Completion("8 6", "stop", 1, 1, "fake")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(local_backend, "LocalBackend", FakeLocal)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    params = EvaluateParams.model_validate(
+        {"judge": {"enabled": True, "backend": "local", "cache": str(tmp_path / "judge.jsonl")}}
+    )
+    rows = [{"id": "q0", "question": "Why?", "base": {"text": "b"}, "adapter": {"text": "a"}}]
+    details = evaluate._judge(params, tmp_path, rows, ["adapter"], [])
+    assert details["single"]["adapter"]["summary"]["judged"] == 1
+    assert set(seen) == {local_model_id(tmp_path, params.dtype)} and "gpt-4o-mini" not in seen

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,6 +356,10 @@ def test_kill_9_mid_run_then_rerun_resumes_and_finishes(tiny_project, tmp_path):
     done = _run_stage(project, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((project / "reports/train/run.json").read_text())["resumed_from_step"] == step_at_kill
+    # Said at the start, before the model is even loaded; and the base model's val loss is still reported.
+    assert f"train: resuming from step {step_at_kill} (checkpoint models/checkpoints/" in done.stderr
+    report = json.loads((project / "reports/train/report.json").read_text())
+    assert isinstance(report["base_eval_loss"], float) and report["base_eval_perplexity"] > 1
     assert json.loads((project / "reports/train/report.json").read_text())["steps"] == 30
     with (project / "reports/train/steps.csv").open() as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(1, 31))  # the whole run, once each
@@ -431,3 +436,61 @@ def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
     assert (project / "models/adapter/adapter_model.safetensors").is_file()
     _, runs = _stage_runs(project)
     assert len(runs) == 1
+
+
+class _FakeSaver:
+    """Stands in for the PEFT model / tokenizer: save_pretrained writes one file that says which one it is."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def save_pretrained(self, path, **_):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "adapter_config.json").write_text("{}")
+        (Path(path) / "adapter_model.safetensors").write_text(self.tag)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_save_adapter_never_leaves_no_adapter(tmp_path, monkeypatch, exchange):
+    """A crash while the new adapter replaces the old one leaves a whole adapter (the old one, or the new one), and
+    the next save puts everything right. The old code deleted the old adapter before renaming the new one in."""
+    out = tmp_path / "models/adapter"
+
+    def save(tag):
+        training.save_adapter(_FakeSaver(tag), _FakeSaver(tag), out, {"v": tag})
+
+    def adapters():
+        return {p.name: (p / "adapter_model.safetensors").read_text() for p in out.parent.iterdir()
+                if (p / "adapter_model.safetensors").is_file() and (p / training.ADAPTER_META).is_file()}
+
+    if not exchange:
+        monkeypatch.setattr(training, "_exchange", lambda a, b: False)
+    save("v1")
+    assert adapters() == {"adapter": "v1"}
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def crash_on_swap(src, dst):
+        if str(src).endswith("adapter.tmp"):  # the new adapter going into place
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    def crash_on_cleanup(path, *a, **k):
+        old = Path(path) / "adapter_model.safetensors"
+        if old.is_file() and old.read_text() == "v1":  # after the exchange: the old adapter is about to be deleted
+            raise OSError("simulated crash")
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(training.os, "replace", crash_on_swap)
+    monkeypatch.setattr(training.shutil, "rmtree", crash_on_cleanup)
+    with pytest.raises(OSError, match="simulated crash"):
+        save("v2")
+    monkeypatch.setattr(training.os, "replace", real_replace)
+    monkeypatch.setattr(training.shutil, "rmtree", real_rmtree)
+    survived = adapters()
+    assert "v1" in survived.values() or survived.get("adapter") == "v2"  # a whole adapter is there
+    if exchange:
+        assert survived["adapter"] == "v2"  # one atomic step: the new one is in place
+    else:
+        assert survived == {"adapter.old": "v1", "adapter.tmp": "v2"}  # the old one, renamed aside
+    save("v3")
+    assert adapters() == {"adapter": "v3"} and sorted(p.name for p in out.parent.iterdir()) == ["adapter"]

@@ -139,3 +139,23 @@ def test_read_jsonl_json_is_plain(tmp_path):
     obj = json.loads(p.read_text(encoding="utf-8"))
     assert set(obj) == {"id", "seed", "seed_id", "source", "turns", "meta"}
     assert obj["turns"][1] == {"role": "ai", "text": "A data version control tool."}
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_json_error_at_the_end_of_a_line_names_its_real_column(tmp_path, newline):
+    """The line end is not part of the JSON: `{"id": "x", "text": ` misses its value at column 21 of line 2, not
+    at column 1 of a line that does not exist."""
+    from baize.errors import InputError
+    from baize.transcript import iter_json_lines
+    from stages.selfchat import read_seeds
+
+    bad = '{"id": "x", "text": ' + newline
+    good = json.dumps({"id": "a", "text": "fine"}) + newline
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(good + bad + good.replace('"a"', '"b"'), newline="")
+    with pytest.raises(InputError) as info:
+        read_seeds(path)
+    assert str(info.value) == f"{path}:2: invalid JSON: Expecting value (column 21)"
+    with pytest.raises(InputError, match=r"transcripts.jsonl:2: invalid or truncated JSON: Expecting value \(column 21\)"):
+        (tmp_path / "transcripts.jsonl").write_text(good + bad, newline="")
+        list(iter_json_lines(tmp_path / "transcripts.jsonl"))

@@ -3,6 +3,7 @@
     baize chat    talk to base + adapter in the terminal (streamed, Baize prompt and history truncation)
     baize export  merge the adapter into the base and save a standalone Hugging Face folder
     baize import  released Baize JSON / OpenAI fine-tuning JSONL -> the pipeline's transcripts.jsonl
+    baize params check  validate params.yaml or a profile; print the resolved values and their defaults
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from baize.errors import BaizeError, one_line_errors
+from baize.errors import BaizeError, ParamsError, one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -147,6 +148,34 @@ def import_(input_path: Path, fmt: str, out_path: Path) -> None:
         f"  dvc exp run -S validate.input={out_path}\n"
         f"or set `validate.input: {out_path}` in params.yaml, then `dvc repro`."
     )
+
+
+# --------------------------------------------------------------------------- params
+
+
+@main.group()
+def params() -> None:
+    """params.yaml and the profiles."""
+
+
+@params.command("check")
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--profile", help="A profile of profiles/ by name (micro, paper) instead of a FILE.")
+@one_line_errors
+def params_check(file: Path | None, profile: str | None) -> None:
+    """Validate FILE (default params.yaml) or a profile: print every section's resolved values, the defaults marked;
+    a bad value is one line naming the key, exit 2 (what every stage, and `dvc repro`'s first stage, would say)."""
+    from baize.config import check_file, describe
+
+    if file is not None and profile is not None:
+        raise ParamsError("give a FILE or --profile, not both")
+    if profile is not None:
+        file = Path("profiles") / f"{profile}.yaml"
+        if not file.is_file():
+            known = ", ".join(sorted(p.stem for p in Path("profiles").glob("*.yaml"))) or "none here"
+            raise ParamsError(f"{file}: no such profile (profiles: {known}; run from the project root)")
+    file = file or Path("params.yaml")
+    click.echo(describe(file, check_file(file)), nl=False)
 
 
 if __name__ == "__main__":

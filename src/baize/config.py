@@ -2,7 +2,9 @@
 
 Every stage validates the sections it reads before doing anything else. A bad value gives one line
 naming the key, the value and what is allowed (see `format_error`), and the stage exits with status 2
-without writing anything.
+without writing anything. Under `dvc repro` the first stage, `params` (stages/params.py), validates every section
+before DVC deletes any stage's outputs; `baize params check [FILE | --profile NAME]` does the same by hand and
+prints the resolved values, the defaults marked.
 """
 
 from __future__ import annotations
@@ -178,6 +180,12 @@ class SelfChatParams(Section):
     """Per request; a request past it is retried."""
     max_retries: int = Field(8, ge=0)
     """Retries of one request on 429/5xx/timeouts/dropped connections before the seed is a recorded failure."""
+    max_retry_after_s: float = Field(120, gt=0)
+    """The longest `Retry-After` honoured: a server asking to wait longer (hours, on some quotas) makes that seed a
+    recorded failure (`retry_after_too_long`; a re-run tries again) instead of a sleep."""
+    stop_grace_s: float = Field(60, gt=0)
+    """On Ctrl-C / SIGTERM (or an error that concerns every request: 401, 403, 404 unknown model, no quota): no new
+    request starts, and the requests in flight get this long to finish and be journaled (a second Ctrl-C aborts)."""
     batch_size: int = Field(16, ge=1)
     """Local backend: sequences generated together."""
     local_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -601,6 +609,31 @@ def load_sections(*names: str, path: str | Path = "params.yaml") -> tuple[Sectio
 
 
 def validate_all(path: str | Path = "params.yaml") -> dict[str, Section]:
-    """Validate every section present (used by tests and `baize params check`)."""
+    """Validate every section present (used by tests)."""
     data = read_params_file(path)
     return dict(zip(data, load_sections(*data, path=path)))
+
+
+def check_file(path: str | Path = "params.yaml") -> dict[str, Section]:
+    """Every section of a params file, validated (all of them: each stage needs its own); ParamsError on the first
+    problem. What `baize params check` and the pipeline's first stage (`params`) run."""
+    return dict(zip(SECTIONS, load_sections(*SECTIONS, path=path)))
+
+
+def resolved(section: Section) -> dict[str, Any]:
+    """A section's values as the stages see them: the file's, and the defaults of every key it leaves out."""
+    return section.model_dump(mode="json")
+
+
+def describe(path: str | Path, sections: dict[str, Section]) -> str:
+    """The resolved values as YAML, each default marked `# default` (not written in the file)."""
+    raw = read_params_file(path)
+    out = [f"# {path}: valid. Resolved values; `# default`: not in the file, the default of src/baize/config.py"]
+    for name, section in sections.items():
+        out.append(f"{name}:")
+        given = raw.get(name) or {}
+        for key, value in resolved(section).items():
+            text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6, sort_keys=False).strip()
+            text = text[1:-1] if text.startswith("{") and text.endswith("}") else text
+            out.append(f"  {text}" + ("" if key in given else "  # default"))
+    return "\n".join(out) + "\n"

@@ -4,8 +4,10 @@ Stages turn these into that one line on stderr and a non-zero exit instead of a 
 """
 
 import functools
+import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 class BaizeError(Exception):
@@ -28,6 +30,28 @@ class InputError(BaizeError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.line = line
+
+
+def json_line(raw: bytes | str, path, lineno: int) -> Any:
+    """One JSONL line, parsed; bad UTF-8 or JSON is an InputError at path:line naming the real column.
+
+    The line end is stripped before decoding: with it attached, an error at the end of a line (a value missing
+    after the last `:`) is reported at column 1 of a line 2 that does not exist.
+    """
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(path, lineno, f"invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(raw.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, lineno, f"invalid JSON: {json_error(exc)}") from None
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """`<what> (column N)` of an error in one line of JSON."""
+    return f"{exc.msg} (column {exc.colno})"
 
 
 def one_line_errors(fn: Callable) -> Callable:

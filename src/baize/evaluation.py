@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from baize import inference
-from baize.errors import BaizeError, InputError
+from baize.errors import BaizeError, InputError, json_error
 from baize.formats import AI, HUMAN
 
 IGNORE_INDEX = -100
@@ -206,7 +206,7 @@ def _read_prompt_file(path: Path) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(path, lineno, f"invalid JSON: {exc.msg}") from None
+                raise InputError(path, lineno, f"invalid JSON: {json_error(exc)}") from None
             text = next((obj.get(k) for k in ("text", "question", "prompt") if isinstance(obj, dict)), None)
             if not isinstance(text, str) or not text.strip():
                 raise InputError(path, lineno, "expected an object with a non-empty 'text'")

@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from baize.errors import BaizeError
-from baize.selfchat.backend import Backend, BackendError, ChatRequest, Completion, PermanentError
+from baize.selfchat.backend import Backend, BackendError, ChatRequest, Completion, PermanentError, journal_key, redact
 from baize.selfchat.journal import Journal, complete_journaled
+from baize.selfchat.stopping import Interrupted, StopRequested, Stopper
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 
@@ -81,9 +82,19 @@ def answer_request(question: str, *, model: str, max_tokens: int) -> ChatRequest
                        max_tokens=max_tokens)
 
 
-async def _cached(backend: Backend, journal: Journal, request: ChatRequest, stats: dict[str, int]) -> Completion:
-    completion, cached = await complete_journaled(backend, journal, request)
-    stats["cached" if cached else "requests"] += 1
+async def _cached(
+    backend: Backend, journal: Journal, request: ChatRequest, stats: dict[str, int], stopper: Stopper | None = None
+) -> Completion:
+    key = journal_key(request, backend)
+    hit = journal.get(key)
+    if hit is not None:
+        stats["cached"] += 1
+        return hit
+    if stopper is not None:
+        stopper.check()  # stopping: no new request
+    completion = await backend.complete(request)
+    journal.record(key, completion)  # fsynced before we use it: a crash after this costs nothing on re-run
+    stats["requests"] += 1
     return completion
 
 
@@ -96,22 +107,30 @@ async def judge_rows(
     reference: str = "judge",
     answer_key: str = "adapter",
     max_tokens: int = 256,
+    stopper: Stopper | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score every row's `answer_key` answer against the reference; returns (per-row judgments, summary).
 
     `reference`: "judge" (the judge model's own answer, like ChatGPT's in the paper) or a model name present
-    in the rows (e.g. "base").
+    in the rows (e.g. "base"). A request the server refuses (400, 413, 422) or that fails after its retries leaves
+    that row unjudged with its `error`; an error that concerns every request (401, 403, 404, no quota) or a signal
+    (`stopper`) stops the judging as self-chat stops: no new request, those in flight finish and are journaled,
+    then the error (or `Interrupted`) is raised with a one-line summary.
     """
     stats = {"requests": 0, "cached": 0}
+    stopper = stopper or Stopper(what="judge")
+    stopper.replies = lambda: stats["requests"]
+    if hasattr(backend, "stopper"):
+        backend.stopper = stopper
 
-    async def one(row: dict[str, Any]) -> dict[str, Any]:
+    async def judge_one(row: dict[str, Any]) -> dict[str, Any]:
         if reference == "judge":
             ref = (await _cached(backend, journal, answer_request(row["question"], model=model, max_tokens=max_tokens),
-                                 stats)).text.strip()
+                                 stats, stopper)).text.strip()
         else:
             ref = row[reference]["text"]
         request = judge_request(row["question"], ref, row[answer_key]["text"], model=model, max_tokens=max_tokens)
-        verdict = await _cached(backend, journal, request, stats)
+        verdict = await _cached(backend, journal, request, stats, stopper)
         scores = parse_scores(verdict.text)
         return {
             "id": row["id"],
@@ -121,13 +140,48 @@ async def judge_rows(
             "judgment": verdict.text,
         }
 
-    judged = await asyncio.gather(*(one(r) for r in rows))
+    async def one(row: dict[str, Any]) -> dict[str, Any] | None:
+        if stopper.stopping:
+            return None
+        try:
+            return await judge_one(row)
+        except StopRequested:
+            return None
+        except PermanentError as exc:
+            stopper.stop(str(exc), exc)
+            return None
+        except BackendError as exc:  # this row only: a refused request, retries exhausted, an unusable reply
+            error = {"reason": exc.reason, "detail": redact(str(exc))[:500]}
+            if exc.status is not None:
+                error["status"] = exc.status
+            return {"id": row["id"], "reference": None, "reference_score": None, "answer_score": None,
+                    "judgment": None, "error": error}
+        except Exception as exc:  # noqa: BLE001 - an unwritable journal, a bug: stop cleanly, then raise it
+            stopper.stop(str(exc), exc)
+            return None
+
+    tasks = [asyncio.create_task(one(r)) for r in rows]
+    await stopper.wait(tasks)
+    judged = [t.result() if t.done() and not t.cancelled() else None for t in tasks]
+    if stopper.stopping:
+        summary = (
+            f"{sum(j is not None for j in judged)}/{len(rows)} rows judged, {stats['requests']} new replies journaled "
+            f"in {journal.path}" + (f", {stopper.finished_after_stop()}" if stopper.finished_after_stop() else "")
+            + ("; aborted: requests in flight cancelled" if stopper.aborted else "")
+            + "; a re-run goes on from the journal"
+        )
+        if stopper.error is None:
+            raise Interrupted(f"judge {stopper.reason}: {summary}", stopper.signum or 2)
+        if isinstance(stopper.error, BaizeError):
+            stopper.error.args = (f"{stopper.error}; {summary}",)
+        raise stopper.error
     ok = [j for j in judged if j["reference_score"] is not None]
     ref_total = sum(j["reference_score"] for j in ok)
     ans_total = sum(j["answer_score"] for j in ok)
     summary = {
         "judged": len(ok),
-        "unparsed": len(judged) - len(ok),
+        "unparsed": sum(j["reference_score"] is None and "error" not in j for j in judged),
+        "failed": sum("error" in j for j in judged),
         "reference_mean": ref_total / len(ok) if ok else None,
         "answer_mean": ans_total / len(ok) if ok else None,
         "relative_score_pct": 100.0 * ans_total / ref_total if ref_total else None,
@@ -337,7 +391,6 @@ async def judge_answers(
     model: str,
     max_tokens: int,
     constraint: str | None,
-    endpoint: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score every item (`question`, `answer`) once; returns one judgment per item, in order, and counters.
 
@@ -351,7 +404,7 @@ async def judge_answers(
         request = score_request(item["question"], item["answer"], template=template, model=model,
                                 max_tokens=max_tokens, constraint=constraint)
         try:
-            completion, cached = await complete_journaled(backend, journal, request, endpoint)
+            completion, cached = await complete_journaled(backend, journal, request)
         except PermanentError:
             raise
         except BackendError as exc:

@@ -100,7 +100,6 @@ def sample_requests(prompts: Sequence[dict[str, Any]], params: SdfSampleParams, 
 
 
 async def sample_answers(backend, journal: Journal, requests: Sequence[tuple[dict[str, Any], int, ChatRequest]], *,
-                         endpoint: str | None = None,
                          progress: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Every requested answer as a sample record, in request order: from the journal when it is there, else from
     the backend (journaled before it is used). A request the backend gives up on is a sample with a `failure`."""
@@ -108,7 +107,7 @@ async def sample_answers(backend, journal: Journal, requests: Sequence[tuple[dic
     async def one(prompt: dict[str, Any], index: int, request: ChatRequest) -> dict[str, Any]:
         record = {"prompt_id": prompt["id"], "prompt": prompt["text"], "sample": index}
         try:
-            completion, cached = await complete_journaled(backend, journal, request, endpoint)
+            completion, cached = await complete_journaled(backend, journal, request)
         except PermanentError:
             raise
         except BackendError as exc:

@@ -33,6 +33,7 @@ MLflow: when a run is active (the stage opens it), rank 0 logs per-step metrics 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import csv
 import functools
 import hashlib
@@ -41,6 +42,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 import logging
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ from baize.base_model import clean_tokenizer_config
 from baize.config import TrainParams
 from baize.errors import BaizeError, InputError
 from baize.hardware import resolve_mixed_precision
+from baize.transcript import atomic_write_text
 from baize.inference import STACK_NAME  # the frozen first LoRA of a stack: its adapter name and subfolder
 
 ADAPTER_META = "baize_adapter.json"
@@ -542,8 +545,41 @@ def save_adapter(model, tokenizer, out_dir: Path, meta: dict[str, Any], stack_on
     tokenizer.save_pretrained(str(tmp))
     clean_tokenizer_config(tmp)
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    swap_in(tmp, out_dir)
+
+
+def swap_in(new: Path, dest: Path) -> None:
+    """Put the folder `new` at `dest` so that a crash at any moment leaves a whole adapter, the old or the new.
+
+    On Linux the two folders are exchanged in one atomic step (renameat2 RENAME_EXCHANGE); elsewhere, or on a file
+    system without it, the old folder is renamed aside (`<dest>.old`), the new one renamed into place, then the old
+    one deleted: a crash between the two renames leaves the old adapter in `<dest>.old`, put back by the next call.
+    (The old code deleted `dest` before renaming: a crash in between left no adapter at all.)
+    """
+    new, dest = Path(new), Path(dest)
+    aside = dest.with_name(dest.name + ".old")
+    if aside.is_dir() and not dest.exists():  # a crash between the two renames last time: restore the old one
+        os.replace(aside, dest)
+    shutil.rmtree(aside, ignore_errors=True)
+    if dest.is_dir() and _exchange(new, dest):
+        shutil.rmtree(new)  # now the old folder
+        return
+    if dest.exists():
+        os.replace(dest, aside)  # rename aside ...
+    os.replace(new, dest)  # ... then swap
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 with RENAME_EXCHANGE); False where that is not available."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -593,6 +629,9 @@ def train(
         remove_stale_runs(checkpoints_dir, keep=fingerprint)
         run_dir.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(run_dir) if run_dir.is_dir() else None
+    if resume is not None and is_main:
+        # Said at the start (minutes before the last line): the steps before this one are not trained again.
+        print(f"train: resuming from step {_checkpoint_step(resume)} (checkpoint {resume})", file=sys.stderr, flush=True)
 
     tokenizer = load_tokenizer(data_dir, model_dir)
     torch.manual_seed(params.seed)
@@ -613,10 +652,16 @@ def train(
     )
 
     base_eval: dict[str, float] = {}
-    if val_ds is not None and resume is None and params.eval_base:
-        # LoRA's B matrices start at zero, so the untrained adapter *is* the base model (the v1.5 model when
-        # stacked): its val loss is the number to beat. (Skipped on resume: the adapter is no longer the base.)
-        base_eval = trainer.evaluate(metric_key_prefix="base_eval")
+    if val_ds is not None and params.eval_base:
+        # LoRA's B matrices start at zero, so the untrained adapter *is* the base model (the v1.5 model
+        # when stacked): its val loss is the
+        # number to beat. Kept beside the checkpoints, so a resumed run reports it too; measured again (before the
+        # checkpoint's weights are loaded, so still on the base) when a crashed run did not leave it.
+        base_eval = _read_base_eval(run_dir) if resume is not None else {}
+        if not base_eval:
+            base_eval = trainer.evaluate(metric_key_prefix="base_eval")
+            if is_main:
+                _write_base_eval(run_dir, base_eval)
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = _final_eval(trainer) if val_ds is not None else {}
 
@@ -644,7 +689,7 @@ def train(
         "train_runtime_s": runtime,
         "total_runtime_s": time.perf_counter() - started,
         "peak_rss_mb": peak_rss_mb(),
-        "resumed_from_step": int(resume.name.split("-", 1)[1]) if resume else 0,
+        "resumed_from_step": _checkpoint_step(resume) if resume else 0,
         "num_processes": int(trainer.accelerator.num_processes),
         "effective_batch_size": params.micro_batch_size
         * params.gradient_accumulation_steps
@@ -664,6 +709,27 @@ def train(
         data_digests={**digests, "fingerprint": fingerprint, "run_dir": str(run_dir)},
         mlflow_logged_steps=mlflow_steps.logged_steps,
     )
+
+
+BASE_EVAL_FILE = "base_eval.json"
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-", 1)[1])
+
+
+def _read_base_eval(run_dir: Path) -> dict[str, float]:
+    try:
+        data = json.loads((run_dir / BASE_EVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    loss = data.get("base_eval_loss") if isinstance(data, dict) else None
+    return {"base_eval_loss": float(loss)} if isinstance(loss, (int, float)) else {}
+
+
+def _write_base_eval(run_dir: Path, base_eval: dict[str, float]) -> None:
+    if "base_eval_loss" in base_eval:
+        atomic_write_text(run_dir / BASE_EVAL_FILE, json.dumps({"base_eval_loss": base_eval["base_eval_loss"]}) + "\n")
 
 
 def _final_eval(trainer) -> dict[str, float]:

@@ -118,7 +118,8 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                # Without its line end: an error at the end of the line is at its real column, not at column 1.
+                yield lineno, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise InputError(path, lineno, f"invalid or truncated JSON: {e.msg} (column {e.colno})") from None
 

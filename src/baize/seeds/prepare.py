@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from baize.config import SeedParams
-from baize.errors import InputError
+from baize.errors import InputError, json_line
 from baize.seeds.dedupe import dedupe_key, near_duplicates
 from baize.seeds.sources import LoadedSource, load_source
 
@@ -198,11 +198,9 @@ def read_seeds(path: str | Path) -> list[Seed]:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            rec = json_line(line, path, lineno)
             try:
-                rec = json.loads(line)
                 seed = Seed(**{k: rec[k] for k in ("id", "text", "source", "domain")})
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(path, lineno, f"invalid JSON: {exc}") from None
             except (KeyError, TypeError) as exc:
                 raise InputError(path, lineno, f"not a seed record (needs id, text, source, domain): {exc}") from None
             if not all(isinstance(v, str) for v in asdict(seed).values()) or not seed.text:

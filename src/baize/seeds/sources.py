@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from baize.config import SeedSource
-from baize.errors import BaizeError, InputError, ParamsError
+from baize.errors import BaizeError, InputError, ParamsError, json_line
 
 # The seed sets that ship with baize, one question per line in src/baize/seeds/data/<domain>.txt.
 PACKAGED_DOMAINS = ("general", "programming", "medical", "finance")
@@ -137,10 +137,7 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str | None]:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue  # blank lines are tolerated in JSONL
-            try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(path, lineno, f"invalid JSON: {exc}") from None
+            record = json_line(raw, path, lineno)
             yield from _field_values(record, field, path, lineno)
 
 
@@ -148,7 +145,7 @@ def _read_json(path: Path, field: str) -> Iterator[str | None]:
     try:
         data = json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:
-        raise InputError(path, exc.lineno, f"invalid JSON: {exc.msg}") from None
+        raise InputError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except UnicodeDecodeError as exc:
         raise InputError(path, None, f"not valid UTF-8: {exc.reason}") from None
     if not isinstance(data, list):

@@ -2,8 +2,13 @@
 
 A backend is anything with `async def complete(request: ChatRequest) -> Completion`. It raises
 `TransientError` when it gave up after its own retries (the seed becomes a recorded failure and a re-run tries
-again), `BadResponseError` when the server answered something unusable (a recorded failure too), and
-`PermanentError` when no further request can succeed (bad key, bad request): the stage stops at once.
+again), `BadResponseError` when the server answered something unusable (a recorded failure too), `RequestError`
+when the server refused this one request (400, 413, 422: too long a prompt, a bad value; a recorded failure with
+its HTTP status), and `PermanentError` when no further request can succeed (401, 403, 404 unknown model, 429
+out of quota): the stage stops starting requests, lets those in flight finish and journals them, then stops.
+
+A backend with an `endpoint` (the `base_url` of an OpenAI-compatible server) has it in every journal key: two
+servers that serve the same model name do not answer each other's requests (`journal_key`).
 """
 
 from __future__ import annotations
@@ -47,12 +52,15 @@ class ChatRequest:
     """Return this many most likely tokens, with their log-probabilities, at each step of the reply (OpenAI's
     `logprobs` / `top_logprobs`): how sure the model was, e.g. of the score a judge wrote."""
 
-    def key(self, backend: str) -> str:
-        """sha256 of the whole request and the backend: a different model, template or sampling is a new key."""
+    def key(self, backend: str, endpoint: str | None = None) -> str:
+        """sha256 of the whole request, the backend and its endpoint: a different model, template, sampling or
+        server is a new key. `endpoint` None (api.openai.com, the local model) leaves the key as it always was."""
         fields = asdict(self)
         for name in ("seed", "prompt", "response_format", "choices", "top_logprobs"):
             if fields[name] is None:  # requests journaled before the field existed keep their keys
                 del fields[name]
+        if endpoint:  # likewise: added only when there is one
+            fields["endpoint"] = endpoint
         payload = json.dumps({"backend": backend, **fields}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -96,6 +104,16 @@ class Backend(Protocol):
     async def complete(self, request: ChatRequest) -> Completion: ...
 
 
+def journal_key(request: ChatRequest, backend) -> str:
+    """The journal key of `request` sent through `backend`: its name and, for a `base_url`, its endpoint."""
+    return request.key(backend.name, getattr(backend, "endpoint", None))
+
+
+def normalize_endpoint(base_url: str | None) -> str | None:
+    """`base_url` as it goes into a journal key: None for the default API, no trailing slash."""
+    return base_url.strip().rstrip("/") or None if base_url else None
+
+
 @dataclass
 class BackendStats:
     """Counters a backend keeps for the metrics: calls sent (each attempt), retries, errors by kind."""
@@ -110,6 +128,13 @@ class BackendStats:
 
 class BackendError(BaizeError):
     reason = "backend_error"
+    status: int | None = None
+    """The HTTP status behind the error, when there is one (recorded with the seed's failure)."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
 
 
 class TransientError(BackendError):
@@ -124,8 +149,22 @@ class BadResponseError(BackendError):
     reason = "bad_response"
 
 
+class RequestError(BackendError):
+    """The server refused this one request (400 e.g. a context-length error, 413, 422): no retry can fix it, but
+    the other requests may well succeed. The seed is a recorded failure with the status; the run goes on."""
+
+    reason = "request_rejected"
+
+
+class RetryAfterTooLong(BackendError):
+    """The server asked to wait longer than the `max_retry_after_s` cap: the seed is a recorded failure (a
+    re-run tries it again) instead of a sleep of hours."""
+
+    reason = "retry_after_too_long"
+
+
 class PermanentError(BackendError):
-    """Nothing will succeed (401, 400, 404, quota): stop the whole stage with this message."""
+    """Nothing will succeed (401, 403, 404 unknown model, 429 out of quota): stop the run with this message."""
 
     reason = "permanent_error"
 

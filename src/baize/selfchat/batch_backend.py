@@ -19,7 +19,10 @@ from baize.selfchat.backend import (
     ChatRequest,
     Completion,
     PermanentError,
+    RequestError,
     TransientError,
+    journal_key,
+    normalize_endpoint,
     redact,
 )
 from baize.selfchat.journal import Journal
@@ -44,6 +47,8 @@ class OpenAIBatchBackend:
     ):
         self.client = openai.AsyncOpenAI(api_key=api_key(base_url), base_url=base_url, max_retries=0, timeout=timeout_s)
         self.where = base_url or "api.openai.com"
+        self.endpoint = normalize_endpoint(base_url)  # in every journal key (backend.journal_key)
+        self.stopper = None  # set by the engine: a stop ends the polling (the batch id is journaled)
         self.max_retries = max_retries
         self.poll_interval_s = poll_interval_s
         self.max_requests_per_batch = max_requests_per_batch
@@ -56,7 +61,7 @@ class OpenAIBatchBackend:
         new: list[Completion] = []
         for batch_id in journal.pending_batches():  # resume: poll what an interrupted run submitted
             new += await self._collect(batch_id, journal)
-        missing = {r.key(self.name): r for r in requests}
+        missing = {journal_key(r, self): r for r in requests}
         missing = {k: r for k, r in missing.items() if journal.get(k) is None and k not in self.errors}
         items = list(missing.items())
         for start in range(0, len(items), self.max_requests_per_batch):
@@ -84,10 +89,15 @@ class OpenAIBatchBackend:
     async def _collect(self, batch_id: str, journal: Journal) -> list[Completion]:
         self.batch_ids.append(batch_id)
         while True:
+            if self.stopper is not None:
+                self.stopper.check()  # stopping: the batch id is in the journal, a re-run polls it again
             batch = await self._api(self.client.batches.retrieve, batch_id)
             if batch.status in FINAL:
                 break
-            await asyncio.sleep(self.poll_interval_s)
+            if self.stopper is not None:
+                await self.stopper.sleep(self.poll_interval_s)
+            else:
+                await asyncio.sleep(self.poll_interval_s)
         new = []
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
@@ -100,11 +110,15 @@ class OpenAIBatchBackend:
                 key = item.get("custom_id")
                 response = item.get("response") or {}
                 try:
-                    if response.get("status_code") != 200:
+                    status = response.get("status_code")
+                    if status != 200:
                         error = (response.get("body") or {}).get("error") or item.get("error") or {}
-                        raise TransientError(redact(f"batch {batch_id}: {error.get('message', 'no reply')}"))
+                        message = redact(f"batch {batch_id}: HTTP {status}: {error.get('message', 'no reply')}")
+                        if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
+                            raise RequestError(message, status=status)  # this request only: a recorded failure
+                        raise TransientError(message, status=status if isinstance(status, int) else None)
                     completion = _completion(response.get("body") or {}, self.where)
-                except (TransientError, BadResponseError) as exc:
+                except (TransientError, BadResponseError, RequestError) as exc:
                     self.errors[key] = exc
                     continue
                 journal.record(key, completion)
@@ -122,7 +136,7 @@ class OpenAIBatchBackend:
 
     async def complete(self, request: ChatRequest) -> Completion:
         # The engine asks only for requests complete_many could not answer: report why.
-        key = request.key(self.name)
+        key = journal_key(request, self)
         raise self.errors.get(key) or TransientError("not answered by the batch")
 
     async def _api(self, fn, *args, **kwargs):

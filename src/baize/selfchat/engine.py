@@ -1,7 +1,12 @@
 """Run self-chat for every seed: many seeds in flight, replies journaled, a budget, and a record for every seed.
 
-Every seed ends as a `Transcript` or as a failure `{seed_id, seed, reason, detail}`; results come back in seed
-order and depend only on the journal's replies, so a re-run over the same journal writes the same files.
+Every seed ends as a `Transcript` or as a failure `{seed_id, seed, reason, detail}` (and `status`, the HTTP status,
+when the server refused the request); results come back in seed order and depend only on the journal's replies, so
+a re-run over the same journal writes the same files.
+
+A run stops early only on an error that concerns every request (`PermanentError`), an error writing the journal,
+or a signal (`baize.selfchat.stopping`): then no new request starts, the requests in flight finish and are
+journaled (for at most `stop_grace_s`), and the run raises with a one-line summary.
 """
 
 from __future__ import annotations
@@ -13,9 +18,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from baize.selfchat import prompts
-from baize.selfchat.backend import Backend, BackendError, ChatRequest, Completion, PermanentError, redact
+from baize.errors import BaizeError
+from baize.selfchat.backend import (
+    Backend,
+    BackendError,
+    ChatRequest,
+    Completion,
+    PermanentError,
+    journal_key,
+    redact,
+)
 from baize.selfchat.journal import Journal
 from baize.selfchat.parse import parse_selfchat
+from baize.selfchat.stopping import Interrupted, StopRequested, Stopper
 from baize.transcript import Transcript, Turn
 
 
@@ -49,6 +64,7 @@ class EngineConfig:
     max_total_tokens: int | None = None
     price_in_per_1m: float = 0.0
     price_out_per_1m: float = 0.0
+    stop_grace_s: float = 60.0  # on a stop: how long the requests in flight may take to finish and be journaled
 
 
 class BudgetExhausted(Exception):
@@ -94,7 +110,15 @@ class _SeedRun:
 
 
 class Engine:
-    def __init__(self, backend: Backend, journal: Journal, cfg: EngineConfig, *, progress: bool | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        journal: Journal,
+        cfg: EngineConfig,
+        *,
+        progress: bool | None = None,
+        stopper: Stopper | None = None,
+    ):
         self.backend = backend
         self.journal = journal
         self.cfg = cfg
@@ -105,6 +129,11 @@ class Engine:
         self._inflight: dict[str, asyncio.Future] = {}
         self.budget_hit = False
         self.ai_replies: Counter[str] = Counter()  # turns mode: every AI answer, "finished" or "cut" by max_tokens
+        self.stopper = stopper or Stopper(cfg.stop_grace_s, what="selfchat")
+        self.stopper.replies = lambda: self.new.requests
+        if hasattr(backend, "stopper"):  # the openai backends stop retrying (and polling) when the run stops
+            backend.stopper = self.stopper
+        self._unsubmitted: dict[str, str] = {}  # openai-batch: request key -> why the budget kept it out of a batch
 
     # ---------------------------------------------------------------- one request
 
@@ -121,12 +150,16 @@ class Engine:
         return None
 
     async def call(self, request: ChatRequest, run: _SeedRun) -> Completion:
-        key = request.key(self.backend.name)
+        key = journal_key(request, self.backend)
         completion = self.journal.get(key)
         if completion is None:
             if key in self._inflight:  # the same request already on its way: wait for it, pay once
                 completion = await asyncio.shield(self._inflight[key])
             else:
+                self.stopper.check()  # stopping: no new request
+                if key in self._unsubmitted:  # openai-batch: left out of the batches by the budget
+                    self.budget_hit = True
+                    raise BudgetExhausted(self._unsubmitted[key])
                 # Replies already journaled are free to reuse; only a new request is refused past the budget.
                 if reason := self._over_budget():
                     self.budget_hit = True
@@ -299,8 +332,8 @@ class Engine:
             return _failure(seed, "budget_exhausted", str(exc))
         except PermanentError:
             raise
-        except BackendError as exc:
-            return _failure(seed, exc.reason, redact(str(exc)))
+        except BackendError as exc:  # this seed only: retries exhausted, an unusable reply, a refused request
+            return _failure(seed, exc.reason, redact(str(exc)), exc.status)
         if not turns:
             first = run.raw[0]["text"] if run.raw else ""
             return _failure(
@@ -353,17 +386,21 @@ class Engine:
         done = {"transcripts": 0}
 
         if self.cfg.mode == "transcript" and hasattr(self.backend, "complete_many"):
-            # Batch API: submit every request not yet journaled in one go; the seeds then read the journal.
-            if not self._over_budget():
-                pending = [r for r in map(self.transcript_request, seeds) if not self.journal.get(r.key(self.backend.name))]
-                for completion in await self.backend.complete_many(pending, self.journal):
-                    self.new.add(completion, self.cost(completion))
+            await self._run_batches(seeds)
 
         next_index = iter(range(len(seeds)))
 
         async def worker() -> None:
             for i in next_index:  # a shared iterator: each seed is taken by exactly one worker
-                results[i] = await self.one_seed(seeds[i])
+                if self.stopper.stopping:
+                    return
+                try:
+                    results[i] = await self.one_seed(seeds[i])
+                except StopRequested:  # the seed stays unfinished: its replies so far are journaled
+                    return
+                except Exception as exc:  # noqa: BLE001 - PermanentError, an unwritable journal, a bug: stop cleanly
+                    self.stopper.stop(str(exc), exc)
+                    return
                 if isinstance(results[i], Transcript):
                     done["transcripts"] += 1
                 if bar is not None:
@@ -375,17 +412,19 @@ class Engine:
                     )
                     bar.update(1)
 
+        # No TaskGroup: an error in one worker must not cancel the requests in flight in the others (replies paid
+        # for but not yet journaled would be lost): it stops the run, and the others finish what they started.
+        tasks = [
+            asyncio.create_task(worker())
+            for _ in range(0 if self.stopper.stopping else min(self.cfg.concurrency, max(len(seeds), 1)))
+        ]
         try:
-            async with asyncio.TaskGroup() as group:  # a PermanentError in one worker cancels the others
-                for _ in range(min(self.cfg.concurrency, max(len(seeds), 1))):
-                    group.create_task(worker())
-        except BaseExceptionGroup as group:
-            # Surface the one error that stopped the run (a PermanentError first), not a group traceback.
-            first = next((e for e in group.exceptions if isinstance(e, PermanentError)), group.exceptions[0])
-            raise first from None
+            await self.stopper.wait(tasks)
         finally:
             if bar is not None:
                 bar.close()
+        if self.stopper.stopping:
+            raise self._stopped(sum(r is not None for r in results), len(seeds))
 
         transcripts = [r for r in results if isinstance(r, Transcript)]
         failures = [r for r in results if isinstance(r, dict)]
@@ -393,10 +432,71 @@ class Engine:
         message = None
         if self.budget_hit:
             message = (
-                f"budget reached: {self._over_budget() or 'limit'}; {len(transcripts)} transcripts kept, "
+                f"budget reached: {self._over_budget() or next(iter(self._unsubmitted.values()), 'limit')}; "
+                f"{len(transcripts)} transcripts kept, "
                 f"{sum(f['reason'] == 'budget_exhausted' for f in failures)} seeds left for a re-run with a higher budget"
             )
         return RunResult(transcripts, failures, self._metrics(seeds, transcripts, failures, wall), message)
+
+    async def _run_batches(self, seeds: list[Seed]) -> None:
+        """Batch API: submit every request not yet journaled that the budget allows; the seeds then read the journal.
+
+        The budget is checked before submitting, on an estimate (prompt characters / 4 + max_tokens, at the batch
+        price): requests are taken in seed order, replies already journaled counted at their real cost, until the
+        next one would pass `max_cost_usd` or `max_total_tokens`; the rest are not submitted, and their seeds are
+        recorded as `budget_exhausted` failures (a re-run with a higher budget submits them).
+        """
+        pending: dict[str, ChatRequest] = {}
+        cost, tokens = 0.0, 0
+        for request in map(self.transcript_request, seeds):
+            key = journal_key(request, self.backend)
+            reply = self.journal.get(key)
+            if reply is not None:
+                cost += self.cost(reply)
+                tokens += reply.prompt_tokens + reply.completion_tokens
+                continue
+            if key in self._unsubmitted or key in pending:  # two seeds with the same text: one request
+                continue
+            prompt = sum(len(m["content"]) for m in request.messages) // 4 + 1
+            est_tokens = prompt + request.max_tokens
+            est_cost = self.cost(Completion("", None, prompt, request.max_tokens))
+            over = None
+            if self.cfg.max_cost_usd is not None and cost + est_cost > self.cfg.max_cost_usd:
+                over = f"not submitted: estimated ${cost + est_cost:.4f} would pass selfchat.max_cost_usd = {self.cfg.max_cost_usd}"
+            elif self.cfg.max_total_tokens is not None and tokens + est_tokens > self.cfg.max_total_tokens:
+                over = (
+                    f"not submitted: estimated {tokens + est_tokens} tokens would pass "
+                    f"selfchat.max_total_tokens = {self.cfg.max_total_tokens}"
+                )
+            if over or self._unsubmitted:  # in seed order: once one is out, the later ones are out too
+                self._unsubmitted[key] = over or next(iter(self._unsubmitted.values()))
+                continue
+            cost += est_cost
+            tokens += est_tokens
+            pending[key] = request
+        try:
+            for completion in await self.backend.complete_many(list(pending.values()), self.journal):
+                self.new.add(completion, self.cost(completion))
+        except StopRequested:
+            pass
+        except PermanentError as exc:
+            self.stopper.stop(str(exc), exc)
+
+    def _stopped(self, finished: int, total: int) -> BaseException:
+        """The error that ends a stopped run: the one that stopped it, or `Interrupted`, with a one-line summary."""
+        st = self.stopper
+        parts = [f"{finished}/{total} seeds finished", f"{self.new.requests} new replies journaled in {self.journal.path}"]
+        if st.finished_after_stop():
+            parts.append(st.finished_after_stop())
+        if st.aborted:
+            parts.append(f"aborted: {st.cancelled_tasks} seeds' requests in flight cancelled (a reply on its way is paid again)")
+        summary = "; ".join(parts) + "; a re-run goes on from the journal"
+        error = st.error
+        if error is None:
+            return Interrupted(f"selfchat {st.reason}: {summary}", st.signum or 2)
+        if isinstance(error, BaizeError):
+            error.args = (f"{error}; {summary}",)
+        return error
 
     def _metrics(self, seeds, transcripts, failures, wall: float) -> dict[str, Any]:
         stats = getattr(self.backend, "stats", None)
@@ -422,6 +522,8 @@ class Engine:
             "retries": getattr(stats, "retries", 0),
             "errors_by_kind": dict(sorted((getattr(stats, "errors", None) or {}).items())),
             "budget_exhausted": self.budget_hit,
+            # openai-batch: requests the budget kept out of the batches (their seeds are budget_exhausted failures)
+            **({"batch_not_submitted": len(self._unsubmitted)} if hasattr(self.backend, "complete_many") else {}),
             "wall_s": round(wall, 3),
             "transcripts_per_min": round(len(transcripts) / wall * 60, 3) if wall > 0 else 0.0,
         }
@@ -465,8 +567,11 @@ def conversation_stats(transcripts: list[Transcript]) -> dict[str, Any]:
     }
 
 
-def _failure(seed: Seed, reason: str, detail: str) -> dict[str, Any]:
-    return {"seed_id": seed.id, "seed": seed.text, "reason": reason, "detail": detail}
+def _failure(seed: Seed, reason: str, detail: str, status: int | None = None) -> dict[str, Any]:
+    failure = {"seed_id": seed.id, "seed": seed.text, "reason": reason, "detail": detail}
+    if status is not None:  # the HTTP status of a refused request (400, 413, 422, a capped 429 ...)
+        failure["status"] = status
+    return failure
 
 
 def _progress(total: int, enabled: bool | None):

@@ -64,22 +64,25 @@ class Journal:
         for lineno, raw in enumerate(lines, start=1):
             if raw.strip():
                 try:
-                    self._apply(json.loads(raw))
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                    if lineno == len(lines) and not tail:  # a corrupt last line: a torn write too
+                    entry = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    if lineno == len(lines) and not tail:  # an unreadable last line: a torn write too
                         break
                     raise InputError(
                         self.path, lineno, f"corrupt journal line ({exc}); move the file away to start over"
                     ) from None
+                self._apply_line(entry, lineno)  # valid JSON but no record: never a torn write, always an error
             good_end += len(raw) + 1
         if tail:
             try:  # the whole record made it to disk but not its newline: keep it (it was paid for)
-                self._apply(json.loads(tail))
+                entry = json.loads(tail)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                entry = None  # a torn write: cut off below
+            if entry is not None:
+                self._apply_line(entry, len(lines) + 1)
                 self._fh.seek(0, os.SEEK_END)
                 self._fh.write(b"\n")
                 good_end = len(data) + 1
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                pass
         size = self._fh.seek(0, os.SEEK_END)
         if good_end < size:
             self.torn_bytes = size - good_end
@@ -87,16 +90,21 @@ class Journal:
         os.fsync(self._fh.fileno())
         self._fh.seek(0, os.SEEK_END)
 
+    def _apply_line(self, entry: Any, lineno: int) -> None:
+        problem = _record_problem(entry)
+        if problem:
+            raise InputError(
+                self.path, lineno, f"not a journal record ({problem}); move the file away to start over"
+            )
+        self._apply(entry)
+
     def _apply(self, entry: dict[str, Any]) -> None:
         if "reply" in entry:
             self.replies[entry["key"]] = Completion.from_dict(entry["reply"])
-        elif "batch" in entry:
-            if entry.get("done"):
-                self.finished_batches.add(entry["batch"])
-            else:
-                self.batches[entry["batch"]] = list(entry["keys"])
+        elif entry.get("done"):
+            self.finished_batches.add(entry["batch"])
         else:
-            raise KeyError("reply")
+            self.batches[entry["batch"]] = list(entry["keys"])
 
     # ---------------------------------------------------------------- use
 
@@ -146,16 +154,52 @@ class Journal:
 def request_key(request, backend_name: str, endpoint: str | None = None) -> str:
     """The journal key of a request: the request itself, the backend and, for a server, its endpoint (two servers
     under one model name are two models)."""
-    return request.key(backend_name if not endpoint else f"{backend_name}@{endpoint}")
+    from baize.selfchat.backend import normalize_endpoint
+
+    return request.key(backend_name, normalize_endpoint(endpoint))
 
 
-async def complete_journaled(backend, journal: Journal, request, endpoint: str | None = None) -> tuple[Completion, bool]:
+async def complete_journaled(backend, journal: Journal, request) -> tuple[Completion, bool]:
     """(completion, was it in the journal): ask the backend only for what the journal does not hold, and record the
-    reply (fsynced) before it is used, so a kill -9 after this costs nothing on the re-run."""
-    key = request_key(request, backend.name, endpoint)
+    reply (fsynced) before it is used, so a kill -9 after this costs nothing on the re-run. Keyed by
+    `backend.journal_key`: the backend's name and, for a `base_url`, its endpoint."""
+    from baize.selfchat.backend import journal_key
+
+    key = journal_key(request, backend)
     hit = journal.get(key)
     if hit is not None:
         return hit, True
     completion = await backend.complete(request)
     journal.record(key, completion)
     return completion, False
+
+
+_REPLY_FIELDS = {"text": (str,), "finish_reason": (str, type(None)), "prompt_tokens": (int, type(None)),
+                 "completion_tokens": (int, type(None)), "model": (str, type(None))}
+
+
+def _record_problem(entry: Any) -> str | None:
+    """What makes a parsed line no journal record (a reply or a batch entry), or None when it is one."""
+    if not isinstance(entry, dict):
+        return f"a JSON {type(entry).__name__}, not an object"
+    if "reply" in entry:
+        if not isinstance(entry.get("key"), str):
+            return '"key" is not a string'
+        reply = entry["reply"]
+        if not isinstance(reply, dict):
+            return f'"reply" is a {type(reply).__name__}, not an object'
+        if not isinstance(reply.get("text"), str):
+            return '"reply.text" is not a string'
+        for name, types in _REPLY_FIELDS.items():
+            if isinstance(reply.get(name), bool) or not isinstance(reply.get(name), types):
+                return f'"reply.{name}" is a {type(reply.get(name)).__name__}'
+        return None
+    if "batch" in entry:
+        if not isinstance(entry["batch"], str):
+            return '"batch" is not a string'
+        if not entry.get("done") and not (
+            isinstance(entry.get("keys"), list) and all(isinstance(k, str) for k in entry["keys"])
+        ):
+            return '"keys" is not a list of strings'
+        return None
+    return 'neither "reply" nor "batch"'

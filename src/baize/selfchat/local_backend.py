@@ -60,6 +60,28 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def model_identity(model_dir: str | Path, dtype: str) -> str:
+    """`local:<hash of the model's files>:<dtype>`: the `model` of a local request, so a different base model, or
+    the same one computing in another dtype (greedy text differs with the rounding), never reuses journaled
+    replies. The self-chat stage and the local LLM judge both key their journals by it."""
+    return f"{_files_id(Path(model_dir))}:{resolve_dtype(dtype)}"
+
+
+def _files_id(model_dir: Path) -> str:
+    source = model_dir / "source.json"
+    if source.is_file():
+        files = json.loads(source.read_text(encoding="utf-8")).get("files") or {}
+        if files:
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            return f"local:{digest[:16]}"
+    digest = hashlib.sha256()
+    for p in sorted(model_dir.glob("*")):
+        if p.is_file() and p.suffix in {".safetensors", ".json"}:
+            digest.update(p.name.encode())
+            digest.update(p.read_bytes())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
 @dataclass
 class LocalStats:
     """Where the worker's time went: prompt prefill vs batched decode steps (and how full the batch was)."""
@@ -96,6 +118,10 @@ class _Job:
     node: dict | None = None  # `choices` requests: the trie node of the tokens so far ({} = a whole choice)
     top_logprobs: int = 0  # > 0: keep the k most likely tokens of each step (after the constraint) in `logprobs`
     logprobs: list[dict[str, float]] = field(default_factory=list)
+    abandoned: bool = False  # the caller was cancelled: a running future cannot be, so the worker drops the row
+
+    def gone(self) -> bool:
+        return self.abandoned or self.future.cancelled()
 
 
 class LocalBackend:
@@ -186,7 +212,15 @@ class LocalBackend:
     async def complete(self, request: ChatRequest) -> Completion:
         job = self._make_job(request)
         self._submit(job)
-        return await asyncio.wrap_future(job.future)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            # A queued job's future is cancelled outright; a running one's cannot be (concurrent.futures), so it is
+            # marked: the worker drops its row at the next step and the slot goes to a waiting request, instead of
+            # generating up to max_tokens for nobody (a stopped run, a seed given up on).
+            job.abandoned = True
+            job.future.cancel()
+            raise
 
     def complete_sync(self, request: ChatRequest) -> Completion:
         """Blocking variant for scripts and tests outside an event loop."""
@@ -337,7 +371,7 @@ class LocalBackend:
                 if waiting and free > 0 and (not rows or free >= min(self.admit_min, len(waiting))):
                     while waiting and len(group) < free:
                         job = waiting.popleft()
-                        if job.future.set_running_or_notify_cancel():  # False: the caller went away
+                        if not job.abandoned and job.future.set_running_or_notify_cancel():  # else: the caller went away
                             group.append(job)
                     if group:
                         self._admit(group, rows, state)
@@ -425,12 +459,12 @@ class LocalBackend:
             if job.node is not None:
                 job.node = job.node[token]
             result = self._finish_if_done(job)
-            if result is not None or job.future.cancelled():
+            if result is not None or job.gone():
                 finished.append(index)
                 if result is not None and not job.future.done():
                     job.future.set_result(result)
         # Rows whose caller gave up are dropped too.
-        finished += [i for i, job in enumerate(rows[:only_from]) if job.future.cancelled()]
+        finished += [i for i, job in enumerate(rows[:only_from]) if job.gone()]
         if finished:
             keep = [i for i in range(len(rows)) if i not in set(finished)]
             rows[:] = [rows[i] for i in keep]

@@ -3,7 +3,13 @@ OpenAI-compatible server (`base_url`: vLLM, Ollama, `transformers serve`).
 
 Throughput comes from keeping `concurrency` requests in flight while staying under the requests-per-minute and
 tokens-per-minute limits with our own token buckets; errors are retried here (the client's own retries are off,
-so every retry is counted), with exponential backoff and jitter, and never sooner than the server's Retry-After.
+so every retry is counted), with exponential backoff and jitter, and never sooner than the server's Retry-After,
+unless that is longer than `max_retry_after_s`: then the seed is a recorded failure instead of a sleep of hours.
+
+Errors by what they concern (the client's typed errors): one request (400 `BadRequestError`, 413, 422
+`UnprocessableEntityError`) -> `RequestError`, that seed's recorded failure; every request (401
+`AuthenticationError`, 403 `PermissionDeniedError`, 404 `NotFoundError` for an unknown model, 429
+`insufficient_quota`) -> `PermanentError`, the run stops once the requests in flight are journaled.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from baize.selfchat.backend import (
     ChatRequest,
     Completion,
     PermanentError,
+    RequestError,
+    RetryAfterTooLong,
     TransientError,
+    normalize_endpoint,
     redact,
 )
 from baize.selfchat.ratelimit import TokenBucket
@@ -112,13 +121,16 @@ class OpenAIBackend:
         max_retries: int = 8,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        max_retry_after_s: float = 120.0,
     ):
         # max_retries=0: the retries are ours (counted, Retry-After honoured, same policy for every error).
         self.client = openai.AsyncOpenAI(
             api_key=api_key(base_url), base_url=base_url, max_retries=0, timeout=timeout_s
         )
         self.where = base_url or "api.openai.com"
+        self.endpoint = normalize_endpoint(base_url)  # in every journal key (backend.journal_key)
         self.max_retries = max_retries
+        self.max_retry_after_s = max_retry_after_s
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._slots = asyncio.Semaphore(concurrency)
@@ -126,6 +138,7 @@ class OpenAIBackend:
         # Tokens: allow 10 s worth of burst so one long request is not throttled below the per-minute budget.
         self._tpm = TokenBucket.per_minute(tokens_per_minute, burst_s=10.0)
         self.stats = BackendStats()
+        self.stopper = None  # set by the engine: once the run stops, no request or retry is sent
 
     async def complete(self, request: ChatRequest) -> Completion:
         # Estimate before the call (4 chars per token + the reply budget), correct with the real usage after.
@@ -141,6 +154,8 @@ class OpenAIBackend:
                 # and the requests would then leave in a burst.
                 await self._rpm.acquire(1)
                 await self._tpm.acquire(estimate)
+                if self.stopper is not None:
+                    self.stopper.check()  # queued or retrying when the run stopped: nothing was paid, send nothing
                 self.stats.requests += 1
                 try:
                     if request.prompt is not None:
@@ -150,9 +165,12 @@ class OpenAIBackend:
                     completion = self._completion(response, raw_prompt=request.prompt is not None)
                     self._tpm.debit(completion.prompt_tokens + completion.completion_tokens - estimate)
                     return completion
+                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+                    # 401 bad key, 403 no access, 404 unknown model: no request can succeed.
+                    raise PermanentError(self._message(exc), status=exc.status_code) from None
                 except openai.RateLimitError as exc:
-                    if _code(exc) == "insufficient_quota":  # out of credit: waiting will not help
-                        raise PermanentError(self._message(exc)) from None
+                    if "insufficient_quota" in (_code(exc), getattr(exc, "type", None)):  # out of credit: waiting will not help
+                        raise PermanentError(self._message(exc), status=429) from None
                     self.stats.error("429")
                     wait, last = retry_after_s(exc.response), exc
                 except openai.InternalServerError as exc:
@@ -168,15 +186,26 @@ class OpenAIBackend:
                     if exc.status_code in (408, 409) or exc.status_code >= 500:  # "try again" statuses
                         self.stats.error(str(exc.status_code))
                         wait, last = retry_after_s(exc.response), exc
-                    else:  # 400 bad request, 401 auth, 403, 404 model not found, 422: no retry can fix these
-                        raise PermanentError(self._message(exc)) from None
+                    else:  # 400 (context length, a bad value), 413, 422, ...: this request only, no retry fixes it
+                        self.stats.error(str(exc.status_code))
+                        raise RequestError(self._message(exc), status=exc.status_code) from None
+            if wait is not None and wait > self.max_retry_after_s:
+                status = getattr(last, "status_code", None)
+                raise RetryAfterTooLong(
+                    f"{self._message(last)} (Retry-After {wait:.0f} s is over the {self.max_retry_after_s:g} s cap "
+                    "selfchat.max_retry_after_s; a re-run tries again)",
+                    status=status,
+                )
             attempt += 1
             if attempt > self.max_retries:
                 raise TransientError(f"gave up after {self.max_retries} retries: {self._message(last)}")
             self.stats.retries += 1
             backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
             delay = random.uniform(backoff / 2, backoff)  # jitter: spread the retries of a 429 storm
-            await asyncio.sleep(max(delay, wait or 0.0))
+            if self.stopper is not None:
+                await self.stopper.sleep(max(delay, wait or 0.0))
+            else:
+                await asyncio.sleep(max(delay, wait or 0.0))
 
     def _completion(self, response, raw_prompt: bool = False) -> Completion:
         choices = getattr(response, "choices", None)
