@@ -30,7 +30,7 @@ from stages import _common
 def headline(metrics: dict) -> dict:
     """The numbers `dvc exp show` compares: validation perplexity and the share of answers that stop by themselves,
     for base, v1.5 and v2 side by side (the base's rates and base_chat are in report.json), the highest role-leak
-    rate of v1.5 and v2; the judge's relative scores and v2's pairwise win rate when the judge ran."""
+    rate of v1.5 and v2; v2's pairwise win rate over v1.5 when the judge ran (its scores: report.json)."""
     ppl, gen = metrics["perplexity"], metrics["generation"]
     out = {"ppl_base": ppl["base"], "ppl": ppl["adapter"]}
     if "v2" in ppl:
@@ -40,10 +40,7 @@ def headline(metrics: dict) -> dict:
         out["stop_v2"] = gen["v2"].get("stop_rate")
     # One column for both tuned models (the target is 0 for each; each one's rate is in report.json).
     out["leak"] = max(gen[m].get("role_leak_rate") or 0.0 for m in ("adapter", "v2") if m in gen)
-    for name, key in (("base", "rel_base"), ("adapter", "rel"), ("v2", "rel_v2")):
-        if name in (metrics.get("judge") or {}):
-            out[key] = metrics["judge"][name]["relative_score_pct"]
-    if "v2_vs_adapter" in (metrics.get("pairwise") or {}):
+    if "v2_vs_adapter" in (metrics.get("pairwise") or {}):  # the judge's verdict (its scores: report.json)
         out["win_v2"] = metrics["pairwise"]["v2_vs_adapter"]["win_rate"]
     return out
 

@@ -78,7 +78,8 @@ def make_backend(params, model_dir: Path):
 
     if not (model_dir / "config.json").is_file():
         raise InputError(model_dir, None, "no model here (run the base_model stage first)")
-    return LocalBackend(model_dir, batch_size=params.batch_size, dtype=params.local_dtype)
+    return LocalBackend(model_dir, batch_size=params.batch_size, dtype=params.local_dtype,
+                        prefix_cache_mb=params.prefix_cache_mb)
 
 
 def engine_config(params, model_dir: Path) -> EngineConfig:
@@ -159,7 +160,7 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
     # What a re-run with the same inputs changes (time, the journal's share, retries) goes to run.json, untracked.
     report, journal_use = _common.split_keys(result.metrics, RUN_KEYS)
     paths = _common.write_reports(
-        metrics_path, headline={"chats": result.metrics["transcripts"]}, report=report, run=journal_use
+        metrics_path, headline=None, report=report, run=journal_use
     )
 
     with _common.mlflow_run("selfchat", tracking, ("selfchat",)) as mlrun:

@@ -127,7 +127,8 @@ def main(data_dir: Path, model_dir: Path, out_dir: Path, checkpoints_dir: Path, 
         training.save_adapter(result.model, result.tokenizer, out_dir, meta)
         m = result.metrics
         report, timing = _common.split_keys(m, RUN_KEYS)
-        headline = {"loss": m["train_loss"], "val_loss": m["eval_loss"]}
+        # The val split's figure is evaluate's `ppl` (base, v1.5 and v2 on the same rows); val_loss is in report.json.
+        headline = {"loss": m["train_loss"]}
         paths = _common.write_reports(reports_dir / "metrics.json", headline=headline, report=report, run=timing)
         training.write_steps_csv(reports_dir / "steps.csv", result.steps)
 

@@ -179,6 +179,23 @@ def test_generation_stops_at_stop_strings(tiny, base_model_dir):
     assert "".join(pieces) == gens[0].text and len(pieces) > 1
 
 
+@pytest.mark.slow
+def test_served_answers_equal_generate_greedily(tiny, base_model_dir):
+    """evaluate's engine (the self-chat local backend: continuous batching, the adapter merged) answers as
+    `model.generate` does: greedy, the same texts, stop reasons and stop strings for the base, the base through its
+    own chat template, and the adapter."""
+    model, tok = inference.load_model(base_model_dir, tiny / "adapter")
+    prompts = [{"text": f"Tell me about {t}."} for t in ("tea", "rivers", "the moon")]
+    kw = dict(which=["base", "base_chat", "adapter"], max_new_tokens=24, temperature=0, top_p=1.0, batch_size=2,
+              seed=3, max_context_tokens=512, chat_tokenizer=inference.load_tokenizer(base_model_dir))
+    expected = evaluation.generate_answers(model, tok, prompts, **kw)
+    served = evaluation.generate_answers_served(base_model_dir, {"adapter": tiny / "adapter"}, tok, prompts, **kw)
+    for name in kw["which"]:
+        assert [(g.text, g.finish_reason, g.stop_string) for g in served[name]] == [
+            (g.text, g.finish_reason, g.stop_string) for g in expected[name]], name
+    assert any(g.stop_string == "[|Human|]" for g in served["adapter"])  # the trained adapter hands the turn back
+
+
 # --------------------------------------------------------------------------- the stage
 
 

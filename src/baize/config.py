@@ -188,6 +188,10 @@ class SelfChatParams(Section):
     request starts, and the requests in flight get this long to finish and be journaled (a second Ctrl-C aborts)."""
     batch_size: int = Field(16, ge=1)
     """Local backend: sequences generated together."""
+    prefix_cache_mb: float = Field(1024, ge=0)
+    """Local backend: memory for the KV of recent prompts, reused by a prompt that starts the same way (each round's
+    prompt starts with the last one's; a re-asked turn repeats its prompt). Too small for the conversations in
+    flight, and each round's history is computed again. 0: off."""
     local_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Local backend: compute dtype. `auto`: bfloat16 on CPUs with native bf16 matmuls (AMX / AVX512-BF16, about
     1.5x the float32 tokens/s here), else float32. In float32 a from-scratch run writes the same text again; in
@@ -349,10 +353,11 @@ class TrainParams(Section):
     warmup_steps: int = Field(100, ge=0)
     eval_steps: int = Field(50, ge=1)
     """Evaluate on the validation split every N optimizer steps (and once before and after training)."""
-    eval_base: bool = True
-    """The val pass before training (the untrained adapter is the base: the loss to beat). The `evaluate` stage
-    measures base and adapter on the whole val split anyway; off saves that pass (an int8 pass on a CPU costs as
-    much as a few training steps)."""
+    eval_val: bool = True
+    """Measure the validation split while training: before (the untrained adapter is the base: the loss to beat),
+    every `eval_steps` and after. The `evaluate` stage measures base and adapter on the whole split anyway; off
+    saves those passes (an int8 pass costs as much as a few training steps on a CPU) and the val loss is then
+    not in this stage's metrics."""
     save_steps: int = Field(50, ge=1)
     """Checkpoint into models/checkpoints/<fingerprint>/ every N optimizer steps (a re-run resumes from it)."""
     logging_steps: int = Field(1, ge=1)
@@ -485,7 +490,7 @@ class SdfJudgeParams(Section):
     """openai backend: e.g. gpt-4o-mini or gpt-3.5-turbo (required there)."""
     base_url: str | None = None
     """Any OpenAI-compatible server; None: api.openai.com (key from OPENAI_API_KEY only)."""
-    prompt: str = "packaged:sdf_judge_v1"
+    prompt: str = "packaged:sdf_judge_v2"
     """The judge prompt: `packaged:<name>` (src/baize/prompts/<name>.txt) or a text file with `{question}` and
     `{answer}`. Its text is part of every judgment's journal key: a new prompt re-judges."""
     structured: bool = True
@@ -517,8 +522,8 @@ class SdfTrainParams(TrainParams):
     max_length: int = Field(1024, ge=16)
     """Tokens per best-answer sample (Baize v2: 1024); longer ones are cut after their answer or dropped."""
     eval_val: bool = True
-    """Measure the v1.5 validation split before and after training (eval loss and perplexity in the metrics). The
-    `evaluate` stage measures it for base, v1.5 and v2 anyway; off saves two passes over it."""
+    """Measure the v1.5 validation split before and after training (`train.eval_val`: there the untrained stack is
+    v1.5). The `evaluate` stage measures it for base, v1.5 and v2 anyway; off saves two passes over it."""
 
 
 SECTIONS: dict[str, type[Section]] = {

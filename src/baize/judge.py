@@ -6,7 +6,7 @@ level of detail. The result is the model's total score relative to the reference
 "relative score").
 
 SDF (`judge_answers`): each sampled answer alone gets one score from 1 to 100 for the same four qualities, with
-the packaged, versioned prompt `prompts/sdf_judge_v1.txt`, asked as structured output (a JSON schema through
+the packaged, versioned prompt `prompts/sdf_judge_v2.txt`, asked as structured output (a JSON schema through
 `response_format` for OpenAI-compatible servers; for the local judge, decoding constrained to `{"score": N}`)
 and parsed strictly (`parse_score`): a reply without a valid score is a recorded failure with its reason.
 

@@ -615,6 +615,8 @@ def train(
     data_dir, model_dir, checkpoints_dir = Path(data_dir), Path(model_dir), Path(checkpoints_dir)
     started = time.perf_counter()
     train_ds, val_ds = load_splits(data_dir)
+    if not params.eval_val:  # (its digest below still names the data this adapter was made with)
+        val_ds = None
     digests = {"train": data_digest(data_dir, "train"), "val": data_digest(data_dir, "val")}
     if stack_on is not None:
         from baize.inference import adapter_sha256, check_adapter_dir
@@ -652,7 +654,7 @@ def train(
     )
 
     base_eval: dict[str, float] = {}
-    if val_ds is not None and params.eval_base:
+    if val_ds is not None:
         # LoRA's B matrices start at zero, so the untrained adapter *is* the base model (the v1.5 model
         # when stacked): its val loss is the
         # number to beat. Kept beside the checkpoints, so a resumed run reports it too; measured again (before the

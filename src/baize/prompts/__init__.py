@@ -4,8 +4,11 @@
 used (not its text): 10 generic, 10 knowledge, 10 roleplay, 10 common-sense, 10 Fermi, 10 counterfactual,
 7 coding, 3 math, 10 writing. One JSON object per line: `{"id", "category", "text"}`.
 
-`sdf_judge_v1.txt`: the Baize v2 (SDF) judge prompt, one score from 1 to 100 per answer (`baize.judge`). A changed
-prompt is a new file (`sdf_judge_v2.txt`, ...), so a params value names exactly the text that judged a run.
+`sdf_judge_v1.txt`: the Baize v2 (SDF) judge prompt, one score from 1 to 100 per answer (`baize.judge`), in the
+order of Vicuna's judge prompt (question, answer, then the instructions). `sdf_judge_v2.txt`: the same words with
+the instructions first, so every judge call starts with the same text and a server's (or the local backend's)
+prefix cache computes it once: the local judge's prefill is then the question and the answer only. A changed
+prompt is a new file, so a params value names exactly the text that judged a run.
 """
 
 from __future__ import annotations

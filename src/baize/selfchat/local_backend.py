@@ -136,7 +136,8 @@ class LocalBackend:
     reproducible for a given seed (exact across runs with the same batch composition; batching can change float
     rounding and so, rarely, a sampled token). `admit_min`: the fewest free slots worth a prefill while others are
     decoding (a prefill pauses the whole batch; admitting in small groups amortizes it); default batch_size // 4.
-    `prefix_cache_tokens`: how many prompt tokens of KV to keep for reuse (0: off). Self-chat prompts share long
+    `prefix_cache_mb`: memory for the KV of recent prompts kept for reuse (`prefix_cache_tokens` instead: a token
+    count; 0: off). Self-chat prompts share long
     prefixes (the chat template's system prompt and the paper's template; each round's prompt starts with the
     previous round's), so a new prompt is prefilled only from where it departs from the closest kept one.
     `adapter`: a LoRA adapter folder (plain or stacked) served on top of the base. It is merged into the weights
@@ -156,7 +157,8 @@ class LocalBackend:
         seed: int = 0,
         admit_min: int | None = None,
         model_name: str | None = None,
-        prefix_cache_tokens: int = 8192,
+        prefix_cache_tokens: int | None = None,
+        prefix_cache_mb: float = 1024,
         adapter: str | Path | None = None,
     ) -> None:
         if batch_size < 1:
@@ -204,8 +206,19 @@ class LocalBackend:
         self._lock = threading.Lock()
         self._closed = False
         self.stats = LocalStats()
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = int(prefix_cache_mb * 2**20 // max(1, self.kv_bytes_per_token()))
         self._prefixes = _PrefixStore(prefix_cache_tokens)
         self._tries: dict[tuple[str, ...], dict] = {}
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token occupies in the cache (every layer), in the model's dtype."""
+        config = self.model.config
+        get = getattr(config, "get_text_config", None)
+        config = get() if get else config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size()
 
     # ---- public API -------------------------------------------------------------------------------------------
 
