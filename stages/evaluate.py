@@ -29,12 +29,13 @@ from stages import _common
 
 def headline(metrics: dict) -> dict:
     """The numbers `dvc exp show` compares: validation perplexity and the share of answers that stop by themselves,
-    for base, v1.5 and v2 side by side (the base's rates and base_chat are in report.json), the highest role-leak
+    for base, v1.5 and v2 side by side (base_chat's are in report.json), the highest role-leak
     rate of v1.5 and v2; v2's pairwise win rate over v1.5 when the judge ran (its scores: report.json)."""
     ppl, gen = metrics["perplexity"], metrics["generation"]
     out = {"ppl_base": ppl["base"], "ppl": ppl["adapter"]}
     if "v2" in ppl:
         out["ppl_v2"] = ppl["v2"]
+    out["stop_base"] = gen["base"].get("stop_rate")
     out["stop"] = gen["adapter"].get("stop_rate")
     if "v2" in gen:
         out["stop_v2"] = gen["v2"].get("stop_rate")

@@ -34,8 +34,9 @@ def main(transcripts: Path, model_dir: Path, out_dir: Path, metrics_path: Path) 
         seed=params.random_seed,
         keep_truncated=params.keep_truncated,
     )
-    # Headline: the tokens the loss is computed on in the training split (what one epoch trains).
-    paths = _common.write_reports(metrics_path, headline={"tokens": metrics["trained_tokens"]["train"]}, report=metrics)
+    # No headline (`dvc exp show` keeps to the pass rate, the loss and the three models' results): the trained
+    # tokens are in report.json.
+    paths = _common.write_reports(metrics_path, headline=None, report=metrics)
     with _common.mlflow_run("tokenize", tracking, ("tokenize",)) as run:
         import mlflow
 

@@ -246,7 +246,8 @@ def test_stage_writes_metrics_samples_and_mlflow(tmp_path, tiny, base_model_dir,
     # The headline for `dvc exp show`; the seconds only in the untracked run.json.
     headline = {
         "ppl_base": metrics["perplexity"]["base"], "ppl": metrics["perplexity"]["adapter"],
-        "stop": metrics["generation"]["adapter"]["stop_rate"], "leak": metrics["generation"]["adapter"]["role_leak_rate"],
+        "stop_base": metrics["generation"]["base"]["stop_rate"], "stop": metrics["generation"]["adapter"]["stop_rate"],
+        "leak": metrics["generation"]["adapter"]["role_leak_rate"],
     }
     assert json.loads((proj / "reports/eval/metrics.json").read_text()) == {k: round(v, 3) for k, v in headline.items()}
     assert "wall_s" not in metrics and json.loads((proj / "reports/eval/run.json").read_text())["wall_s"] > 0

@@ -556,8 +556,7 @@ def test_stage_writes_datasets_metrics_and_one_mlflow_run(tmp_path, base_model_d
     assert ok.returncode == 0, ok.stderr
     metrics = json.loads((tmp_path / "reports/tokenize/report.json").read_text())
     assert metrics["samples"]["train"] == 4 and metrics["samples"]["val"] == 2 and metrics["loss"] == "all"
-    headline = json.loads((tmp_path / "reports/tokenize/metrics.json").read_text())
-    assert headline == {"tokens": metrics["trained_tokens"]["train"]} and headline["tokens"] > 0
+    assert metrics["trained_tokens"]["train"] > 0 and not (tmp_path / "reports/tokenize/metrics.json").exists()
     for name in ("train", "val", "tokenizer"):
         assert (tmp_path / "data/tokenized" / name).is_dir()
     # No load-time flag (HF_HUB_OFFLINE set or not) in the saved tokenizer: the same folder in any environment.
