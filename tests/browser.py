@@ -23,7 +23,7 @@ needs_browser = pytest.mark.skipif(
 )
 
 
-def _chromium(page: Path, *args: str) -> subprocess.CompletedProcess:
+def _chromium(page: Path | str, *args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
             [
@@ -40,7 +40,7 @@ def _chromium(page: Path, *args: str) -> subprocess.CompletedProcess:
                 "--host-resolver-rules=MAP * ~NOTFOUND",
                 f"--user-data-dir={profile}",
                 *args,
-                Path(page).resolve().as_uri(),
+                page if isinstance(page, str) and page.startswith(("http://", "https://")) else Path(page).resolve().as_uri(),
             ],
             capture_output=True,
             text=True,
@@ -55,13 +55,14 @@ def dom(page: Path) -> str:
     return _chromium(page, "--dump-dom").stdout
 
 
-def screenshot(page: Path, out: Path, size: tuple[int, int] = (1280, 900)):
-    """A PNG of the page as rendered (kept at `out` for a person to look at), opened with Pillow as RGB."""
+def screenshot(page: Path | str, out: Path, size: tuple[int, int] = (1280, 900), budget_ms: int = 5000):
+    """A PNG of the page (a file, or an http:// URL of a server on 127.0.0.1) as rendered (kept at `out` for a
+    person to look at), opened with Pillow as RGB."""
     from PIL import Image
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # A short budget of virtual time lets Vega's canvas draw before the shot.
-    _chromium(page, f"--screenshot={out}", f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=5000")
+    _chromium(page, f"--screenshot={out}", f"--window-size={size[0]},{size[1]}", f"--virtual-time-budget={budget_ms}")
     return Image.open(out).convert("RGB")
 
 

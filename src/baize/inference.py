@@ -169,7 +169,8 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 def resolve_adapter(spec: str | Path, dst: Path | None = None) -> Path:
-    """A local adapter folder, or an MLflow `runs:/<id>/<path>` / `models:/<name>/<version>` URI.
+    """A local adapter folder, or an MLflow `runs:/<id>/<path>` / `models:/<name>/<version>` /
+    `models:/<name>@<alias>` URI (the registry's `@champion`, see baize.registry).
 
     MLflow URIs are downloaded with `mlflow.artifacts.download_artifacts` (tracking store from
     MLFLOW_TRACKING_URI); the adapter is the shallowest folder in the download holding adapter_config.json.
