@@ -6,6 +6,7 @@ would offline even on a machine with network.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -37,7 +38,8 @@ def _chromium(page: Path | str, *args: str) -> subprocess.CompletedProcess:
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
-                "--host-resolver-rules=MAP * ~NOTFOUND",
+                # ... but 127.0.0.1, where a test runs its servers (the MLflow UI).
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                 f"--user-data-dir={profile}",
                 *args,
                 page if isinstance(page, str) and page.startswith(("http://", "https://")) else Path(page).resolve().as_uri(),
@@ -73,3 +75,50 @@ def count_color(image, rgb: tuple[int, int, int], tolerance: int = 40, box: tupl
 
     pixels = np.asarray(image.crop(box) if box else image, dtype=np.int16)
     return int((np.abs(pixels - np.array(rgb, dtype=np.int16)) <= tolerance).all(axis=-1).sum())
+
+
+@contextlib.contextmanager
+def auth_proxy(target: str, username: str, password: str):
+    """A forwarding proxy on 127.0.0.1 that adds HTTP basic auth to every request to `target` (headless Chromium
+    cannot answer a server's login prompt, and drops credentials written into the URL); yields its base URL."""
+    import base64
+    import http.server
+    import threading
+    import urllib.error
+    import urllib.request
+
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _forward(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization", "connection")}
+            headers["Authorization"] = f"Basic {token}"
+            request = urllib.request.Request(target + self.path, data=body, headers=headers, method=self.command)
+            try:
+                resp = urllib.request.urlopen(request, timeout=60)
+            except urllib.error.HTTPError as err:
+                resp = err
+            data = resp.read()
+            self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+            for key, value in resp.headers.items():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length", "www-authenticate"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

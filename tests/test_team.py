@@ -47,10 +47,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_have_services() is not None,
 def services(tmp_path_factory):
     svc = TeamServices(root=tmp_path_factory.mktemp("team"))
     svc.up()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         yield svc
     finally:
         svc.down(remove=True)
+        # stage_run made the server this process's default store (mlflow.set_tracking_uri): undo it for later tests.
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture
@@ -179,11 +184,20 @@ def test_the_champion_alias_moves_only_to_a_better_version(admin_env, tmp_path):
     seen = []
     for label, ppl in (("A", 5.0), ("B", 6.0), ("C", 4.0), ("A", 5.0)):
         run = client.create_run(exp.experiment_id)
+        adapter = _fake_adapter(tmp_path / label, label)
+        train = None
+        if label == "C":  # as the pipeline does: the train run logged the adapter, the version points at its files
+            train = client.create_run(exp.experiment_id).info.run_id
+            client.log_artifacts(train, str(adapter), "adapter")
         reg = registry.register_adapter(
-            _fake_adapter(tmp_path / label, label), name="team-baize", tracking_uri=uri, run_id=run.info.run_id,
+            adapter, name="team-baize", tracking_uri=uri, run_id=run.info.run_id, source_run_id=train,
             metrics={"ppl": ppl, "stop": 0.5}, tags={"baize.base_model": "packaged:smollm2-135m-instruct",
                                                       "dvc.dep.data/tokenized": "d41d8c"},
         )
+        if label == "C":
+            assert client.get_model_version("team-baize", reg.version).run_id == train
+            assert client.get_model_version("team-baize", reg.version).tags["baize.eval_run_id"] == run.info.run_id
+            assert not client.list_artifacts(run.info.run_id)  # no second copy of the adapter
         seen.append((reg.version, reg.new, reg.promoted, registry.champion("team-baize", uri)))
     assert seen == [("1", True, True, "1"), ("2", True, False, "1"), ("3", True, True, "3"), ("1", False, False, "3")]
     version = client.get_model_version("team-baize", "3")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from browser import browser, screenshot
+from browser import auth_proxy, browser, screenshot
 from test_pipeline_e2e import _copy_project
 from test_team import _have_services
 
@@ -147,10 +147,16 @@ def team(tmp_path_factory):
         print(f"team e2e timings: {state['timings']}")
 
 
+@pytest.fixture(autouse=True)
+def _as_admin(team, monkeypatch):
+    """The MLflow client of these tests reads the admin's credentials from the environment (restored after)."""
+    for key, value in team["services"].env().items():
+        monkeypatch.setenv(key, value)
+
+
 def _client(team):
     from mlflow import MlflowClient
 
-    os.environ.update(team["services"].env())
     return MlflowClient(team["services"].tracking_uri)
 
 
@@ -275,10 +281,10 @@ def test_mlflow_compare_view_of_the_two_experiments(team):
         ids.append(run.info.run_id)
     services = team["services"]
     query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id])})
-    url = (f"http://{services.admin_user}:{urllib.parse.quote(services.admin_password)}@127.0.0.1:"
-           f"{services.mlflow_port}/#/compare-runs?{query}")
     out = team["work"] / "mlflow-compare.png"
-    image = screenshot(url, out, size=(1400, 1000), budget_ms=20000)
+    # The proxy logs the browser in as the admin (a headless browser cannot answer the login prompt).
+    with auth_proxy(services.tracking_uri, services.admin_user, services.admin_password) as base:
+        image = screenshot(f"{base}/#/compare-runs?{query}", out, size=(1400, 1500), budget_ms=20000)
     print(f"compare view: {out}")
     # Drawn, not blank: the page holds a good share of non-white pixels (the run table and the charts).
     import numpy as np

@@ -88,14 +88,14 @@ def _holder(client, name: str, alias: str):
         raise
 
 
-def _adapter_source(client, adapter_dir: Path, run_id: str, source_run_id: str | None) -> str:
-    """Where the version's files live: the train run's logged `adapter/` when it has one, else a copy logged
-    into `run_id` now."""
+def _adapter_source(client, adapter_dir: Path, run_id: str, source_run_id: str | None) -> tuple[str, str]:
+    """(source, its run) of a version: the train run's logged `adapter/` when it has one, else a copy logged into
+    `run_id` now. A server checks that the version's run holds its source."""
     if source_run_id:
         if client.list_artifacts(source_run_id, "adapter"):
-            return f"{client.get_run(source_run_id).info.artifact_uri}/adapter"
+            return f"{client.get_run(source_run_id).info.artifact_uri}/adapter", source_run_id
     client.log_artifacts(run_id, str(adapter_dir), "adapter")
-    return f"{client.get_run(run_id).info.artifact_uri}/adapter"
+    return f"{client.get_run(run_id).info.artifact_uri}/adapter", run_id
 
 
 def register_adapter(
@@ -111,8 +111,10 @@ def register_adapter(
     metric: str = DEFAULT_METRIC,
     lower_is_better: bool = True,
 ) -> Registration:
-    """Register `adapter_dir` as a version of `name` (linked to `run_id`, tagged with `tags`, the adapter's digest
-    and `metrics` as `metric.<key>`) and move `alias` to it when it beats the holder on `metric`.
+    """Register `adapter_dir` as a version of `name` (tagged with `tags`, the adapter's digest, `metrics` as
+    `metric.<key>` and `run_id`, the evaluation, as `baize.eval_run_id`; its files are those the train run
+    `source_run_id` logged, else a copy logged into `run_id`) and move `alias` to it when it beats the holder on
+    `metric`.
 
     Against a server, a refused user, a wrong password or a server that went away raises a BaizeError (one line).
     """
@@ -148,12 +150,12 @@ def _register(adapter_dir: Path, *, name, tracking_uri, run_id, metrics, tags, s
     if same:
         version, new = min(same, key=lambda v: int(v.version)), False
     else:
-        version_tags = {**{k: str(v) for k, v in tags.items()}, ADAPTER_TAG: digest}
+        version_tags = {**{k: str(v) for k, v in tags.items()}, ADAPTER_TAG: digest, "baize.eval_run_id": run_id}
         for key, val in metrics.items():
             if _number(val) is not None:
                 version_tags[f"{METRIC_TAG_PREFIX}{key}"] = str(val)
-        source = _adapter_source(client, adapter_dir, run_id, source_run_id)
-        version = client.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
+        source, source_run = _adapter_source(client, adapter_dir, run_id, source_run_id)
+        version = client.create_model_version(name, source=source, run_id=source_run, tags=version_tags)
         new = True
 
     holder = _holder(client, name, alias)
