@@ -158,6 +158,10 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path) -> None:
         if tracking.log_artifacts:
             for path in paths.values():
                 mlflow.log_artifact(str(path), artifact_path="eval")
+        # The model registry (tracking.registered_model): a version per adapter, @champion on the best.
+        reg = _common.register_adapter(adapter_dir, tracking, headline(metrics), run.info.run_id, train_run)
+        if reg:
+            click.echo(reg.summary())
         click.echo(
             f"reports/eval: perplexity base {ppl['base']:.3f} -> adapter {ppl['adapter']:.3f} "
             f"({ppl['drop_pct']:.1f}% lower) over {ppl['tokens']} AI-turn tokens; "
