@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: setup repro test
+.PHONY: setup repro test team-up team-down
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -29,3 +29,12 @@ repro: setup
 
 test: setup
 	python -m pytest $(PYTEST_ARGS)
+
+# Team mode on this machine (README "For teams"): PostgreSQL, the MLflow server (basic auth, proxied artifacts) and
+# sshd for the DVC remote, on 127.0.0.1, state in .team/ (git-ignored). Needs Debian's postgresql and
+# openssh-server (apt-get install -y postgresql openssh-server); prints the variables to export.
+team-up: setup
+	python -m baize.team up --dir .team
+
+team-down:
+	python -m baize.team down --dir .team

@@ -39,8 +39,17 @@ def project_root() -> Path:
 
 
 def load(*sections: str):
-    """Validate the named params sections (exit 2 with one line on a bad value, before any work)."""
-    return load_sections(*sections, path=PARAMS_FILE)
+    """Validate the named params sections (exit 2 with one line on a bad value, before any work).
+
+    With `tracking` among them and a tracking server in MLFLOW_TRACKING_URI, the server is asked first: down,
+    or refusing the credentials, the stage stops here with one line, before hours of work it could not log.
+    """
+    loaded = load_sections(*sections, path=PARAMS_FILE)
+    if "tracking" in sections:
+        values = loaded if isinstance(loaded, tuple) else (loaded,)
+        experiment = values[sections.index("tracking")].experiment
+        tracking.check_server(tracking.default_tracking_uri(project_root()), experiment)
+    return loaded
 
 
 def raw_section(name: str) -> dict[str, Any]:
@@ -157,6 +166,25 @@ def mlflow_run(
         pipeline_id=pipeline_id(),
         artifact_root=root / "mlartifacts",
         system_metrics=system_metrics,
+    )
+
+
+def register_adapter(adapter_dir: str | Path, tracking_params: TrackingParams, headline: dict, run_id: str,
+                     source_run_id: str | None = None, name: str | None = None):
+    """Register an adapter folder in the model registry (`tracking.registered_model`, or `name`) with the base
+    model, the stage's data hashes (as in dvc.lock), the git commit and the headline metrics as version tags;
+    move `tracking.champion_alias` when it wins. Any adapter: `models/adapter`, or a stacked SDF adapter with
+    `name=f"{tracking.registered_model}-v2"`. Returns the Registration (None when the registry is off)."""
+    from baize import registry
+
+    name = name or tracking_params.registered_model
+    if not name:
+        return None
+    tags = {"baize.base_model": str(raw_section("model").get("base")), "baize.adapter_path": str(adapter_dir)}
+    tags.update({k: v for k, v in run_tags("evaluate").items() if k.startswith(("dvc.", "mlflow.source.git"))})
+    return registry.register_adapter(
+        adapter_dir, name=name, tracking_uri=tracking.default_tracking_uri(project_root()), run_id=run_id,
+        metrics=headline, tags=tags, source_run_id=source_run_id, alias=tracking_params.champion_alias,
     )
 
 

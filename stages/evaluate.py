@@ -28,22 +28,24 @@ from baize.transcript import atomic_write_text
 from stages import _common
 
 def headline(metrics: dict) -> dict:
-    """The numbers `dvc exp show` compares: validation perplexity and the share of answers that stop by themselves,
-    for base, v1.5 and v2 side by side (base_chat's are in report.json), the highest role-leak
-    rate of v1.5 and v2; v2's pairwise win rate over v1.5 when the judge ran (its scores: report.json)."""
+    """The numbers `dvc exp show` compares, by model: 0 the base, 1 v1.5 (base + adapter), 2 v2 (the stacked SDF
+    adapter). Validation perplexity (`ppl0..2`), the share of answers that stop by themselves (`stop0..2`), of v1.5's
+    and v2's that leak a role (`leak1`, `leak2`), and with the judge v2's pairwise win rate over v1.5 (`win2`).
+    Short names: eleven columns in a 120-column terminal. The rest (base_chat, the judge's scores): report.json."""
     ppl, gen = metrics["perplexity"], metrics["generation"]
-    out = {"ppl_base": ppl["base"], "ppl": ppl["adapter"]}
-    if "v2" in ppl:
-        out["ppl_v2"] = ppl["v2"]
-    out["stop_base"] = gen["base"].get("stop_rate")
-    out["stop"] = gen["adapter"].get("stop_rate")
-    if "v2" in gen:
-        out["stop_v2"] = gen["v2"].get("stop_rate")
-    # One column for both tuned models (the target is 0 for each; each one's rate is in report.json).
-    out["leak"] = max(gen[m].get("role_leak_rate") or 0.0 for m in ("adapter", "v2") if m in gen)
+    models = [("0", "base"), ("1", "adapter"), *([("2", "v2")] if "v2" in gen else [])]
+    out = {f"ppl{i}": ppl[name] for i, name in models}
+    out.update({f"stop{i}": gen[name].get("stop_rate") for i, name in models})
+    out.update({f"leak{i}": gen[name].get("role_leak_rate") for i, name in models if i != "0"})
     if "v2_vs_adapter" in (metrics.get("pairwise") or {}):  # the judge's verdict (its scores: report.json)
-        out["win_v2"] = metrics["pairwise"]["v2_vs_adapter"]["win_rate"]
+        out["win2"] = metrics["pairwise"]["v2_vs_adapter"]["win_rate"]
     return out
+
+
+def registry_metrics(metrics: dict, name: str) -> dict:
+    """What a registered version carries (tags `metric.*`; the champion is the lowest `ppl`): `name`'s own figures."""
+    ppl, gen = metrics["perplexity"], metrics["generation"][name]
+    return {"ppl": ppl[name], "ppl_base": ppl["base"], "stop": gen.get("stop_rate"), "leak": gen.get("role_leak_rate")}
 
 
 def _judge(params: EvaluateParams, base_dir: Path, rows: list[dict], models: list[str],
@@ -269,6 +271,15 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
         if tracking.log_artifacts:
             for path in paths.values():
                 mlflow.log_artifact(str(path), artifact_path="eval")
+        # The model registry (tracking.registered_model): a version per adapter, @champion on the best.
+        reg = _common.register_adapter(adapter_dir, tracking, registry_metrics(metrics, "adapter"), run.info.run_id,
+                                       train_run)
+        if reg:
+            click.echo(reg.summary())
+        if use_v2 and tracking.registered_model:  # v2 as its own model (`<name>-v2`): its champion is the best v2
+            reg = _common.register_adapter(adapter_v2, tracking, registry_metrics(metrics, "v2"), run.info.run_id, sdf_run,
+                                           name=f"{tracking.registered_model}-v2")
+            click.echo(reg.summary())
         click.echo(
             f"reports/eval: perplexity base {ppl['base']:.3f} -> adapter {ppl['adapter']:.3f} "
             f"({ppl['drop_pct']:.1f}% lower) over {ppl['tokens']} AI-turn tokens; "

@@ -44,8 +44,8 @@ def main(transcripts: Path, model_dir: Path, out_dir: Path, metrics_path: Path) 
 
         baize_tracking.log_metrics(metrics)
         if tracking.log_artifacts:
-            mlflow.log_artifact(str(paths["metrics"]))
-            mlflow.log_artifact(str(paths["report"]))
+            for path in paths.values():
+                mlflow.log_artifact(str(path))
             mlflow.log_artifact(str(out_dir / "info.json"))
         s = metrics["samples"]
         click.echo(

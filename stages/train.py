@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -72,7 +73,9 @@ def _log_inputs(data_dir: Path, digests: dict[str, str]) -> None:
         if not digests.get(split):
             continue
         ds = load_from_disk(str(data_dir / split))
-        dataset = mlflow.data.from_huggingface(ds, name=f"tokenized-{split}", digest=digests[split][:16])
+        with warnings.catch_warnings():  # token ids are integers with no missing values: MLflow's hint is noise
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
+            dataset = mlflow.data.from_huggingface(ds, name=f"tokenized-{split}", digest=digests[split][:16])
         mlflow.log_input(dataset, context=context)
 
 

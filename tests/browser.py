@@ -6,6 +6,7 @@ would offline even on a machine with network.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +24,7 @@ needs_browser = pytest.mark.skipif(
 )
 
 
-def _chromium(page: Path, *args: str) -> subprocess.CompletedProcess:
+def _chromium(page: Path | str, *args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
             [
@@ -37,10 +38,11 @@ def _chromium(page: Path, *args: str) -> subprocess.CompletedProcess:
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
-                "--host-resolver-rules=MAP * ~NOTFOUND",
+                # ... but 127.0.0.1, where a test runs its servers (the MLflow UI).
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                 f"--user-data-dir={profile}",
                 *args,
-                Path(page).resolve().as_uri(),
+                page if isinstance(page, str) and page.startswith(("http://", "https://")) else Path(page).resolve().as_uri(),
             ],
             capture_output=True,
             text=True,
@@ -55,13 +57,14 @@ def dom(page: Path) -> str:
     return _chromium(page, "--dump-dom").stdout
 
 
-def screenshot(page: Path, out: Path, size: tuple[int, int] = (1280, 900)):
-    """A PNG of the page as rendered (kept at `out` for a person to look at), opened with Pillow as RGB."""
+def screenshot(page: Path | str, out: Path, size: tuple[int, int] = (1280, 900), budget_ms: int = 5000):
+    """A PNG of the page (a file, or an http:// URL of a server on 127.0.0.1) as rendered (kept at `out` for a
+    person to look at), opened with Pillow as RGB."""
     from PIL import Image
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # A short budget of virtual time lets Vega's canvas draw before the shot.
-    _chromium(page, f"--screenshot={out}", f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=5000")
+    _chromium(page, f"--screenshot={out}", f"--window-size={size[0]},{size[1]}", f"--virtual-time-budget={budget_ms}")
     return Image.open(out).convert("RGB")
 
 
@@ -72,3 +75,50 @@ def count_color(image, rgb: tuple[int, int, int], tolerance: int = 40, box: tupl
 
     pixels = np.asarray(image.crop(box) if box else image, dtype=np.int16)
     return int((np.abs(pixels - np.array(rgb, dtype=np.int16)) <= tolerance).all(axis=-1).sum())
+
+
+@contextlib.contextmanager
+def auth_proxy(target: str, username: str, password: str):
+    """A forwarding proxy on 127.0.0.1 that adds HTTP basic auth to every request to `target` (headless Chromium
+    cannot answer a server's login prompt, and drops credentials written into the URL); yields its base URL."""
+    import base64
+    import http.server
+    import threading
+    import urllib.error
+    import urllib.request
+
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _forward(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization", "connection")}
+            headers["Authorization"] = f"Basic {token}"
+            request = urllib.request.Request(target + self.path, data=body, headers=headers, method=self.command)
+            try:
+                resp = urllib.request.urlopen(request, timeout=60)
+            except urllib.error.HTTPError as err:
+                resp = err
+            data = resp.read()
+            self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+            for key, value in resp.headers.items():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length", "www-authenticate"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

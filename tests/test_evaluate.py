@@ -245,9 +245,9 @@ def test_stage_writes_metrics_samples_and_mlflow(tmp_path, tiny, base_model_dir,
     assert metrics["perplexity"]["adapter"] < metrics["perplexity"]["base"]
     # The headline for `dvc exp show`; the seconds only in the untracked run.json.
     headline = {
-        "ppl_base": metrics["perplexity"]["base"], "ppl": metrics["perplexity"]["adapter"],
-        "stop_base": metrics["generation"]["base"]["stop_rate"], "stop": metrics["generation"]["adapter"]["stop_rate"],
-        "leak": metrics["generation"]["adapter"]["role_leak_rate"],
+        "ppl0": metrics["perplexity"]["base"], "ppl1": metrics["perplexity"]["adapter"],
+        "stop0": metrics["generation"]["base"]["stop_rate"], "stop1": metrics["generation"]["adapter"]["stop_rate"],
+        "leak1": metrics["generation"]["adapter"]["role_leak_rate"],
     }
     assert json.loads((proj / "reports/eval/metrics.json").read_text()) == {k: round(v, 3) for k, v in headline.items()}
     assert "wall_s" not in metrics and json.loads((proj / "reports/eval/run.json").read_text())["wall_s"] > 0

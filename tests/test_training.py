@@ -275,6 +275,9 @@ def test_stage_writes_adapter_metrics_plots_and_one_mlflow_run(tiny_project, tmp
     _write_params(project, max_steps=4)
     proc = _run_stage(project)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # What a user sees: a step bar with the loss, not the Trainer's raw dicts, nor library deprecation noise.
+    assert "train: 100%" in proc.stderr and "loss=" in proc.stderr, proc.stderr[-2000:]
+    assert "{'loss'" not in proc.stdout + proc.stderr and "is_gradient_checkpointing" not in proc.stderr
 
     adapter = project / "models/adapter"
     names = {p.name for p in adapter.iterdir()}

@@ -33,7 +33,8 @@ QUIT = {"/quit", "/exit", ":q"}
 @click.option("--base", "base", default="models/base", show_default=True, type=click.Path(path_type=Path),
               help="Base model folder.")
 @click.option("--adapter", default="models/adapter", show_default=True,
-              help="Adapter folder, or an MLflow URI (runs:/<run id>/adapter, models:/<name>/<version>).")
+              help="Adapter folder, or an MLflow URI (runs:/<run id>/adapter, models:/<name>/<version>, "
+                   "models:/<name>@champion).")
 @click.option("--no-adapter", is_flag=True, help="Chat with the base model alone.")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, 2))
@@ -96,7 +97,8 @@ def chat(base: Path, adapter: str, no_adapter: bool, max_new_tokens: int, temper
 
 @main.command()
 @click.option("--base", "base", default="models/base", show_default=True, type=click.Path(path_type=Path))
-@click.option("--adapter", default="models/adapter", show_default=True, help="Adapter folder or MLflow URI.")
+@click.option("--adapter", default="models/adapter", show_default=True,
+              help="Adapter folder or MLflow URI (runs:/..., models:/<name>/<version>, models:/<name>@champion).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder to create.")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]))
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")

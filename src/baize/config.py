@@ -49,6 +49,12 @@ class TrackingParams(Section):
     """MLflow experiment name."""
     log_artifacts: bool = True
     """Upload main outputs (metrics files, reports, adapter) to the run's artifact store."""
+    registered_model: str | None = Field("baize", min_length=1)
+    """Model registry: the evaluate stage registers each adapter as a version of this registered model (base
+    model, data hashes and headline metrics as version tags); null: no registration."""
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    """Alias of the best version: moved to a new version only when it beats the holder's adapter perplexity
+    (`baize chat --adapter models:/<registered_model>@champion`)."""
 
 
 # --------------------------------------------------------------------------- stage sections

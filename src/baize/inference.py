@@ -28,6 +28,7 @@ context budget the oldest (question, answer) pairs are dropped, as the reference
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -169,7 +170,8 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 def resolve_adapter(spec: str | Path, dst: Path | None = None) -> Path:
-    """A local adapter folder, or an MLflow `runs:/<id>/<path>` / `models:/<name>/<version>` URI.
+    """A local adapter folder, or an MLflow `runs:/<id>/<path>` / `models:/<name>/<version>` /
+    `models:/<name>@<alias>` URI (the registry's `@champion`, see baize.registry).
 
     MLflow URIs are downloaded with `mlflow.artifacts.download_artifacts` (tracking store from
     MLFLOW_TRACKING_URI); the adapter is the shallowest folder in the download holding adapter_config.json.
@@ -180,7 +182,10 @@ def resolve_adapter(spec: str | Path, dst: Path | None = None) -> Path:
     import mlflow
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst) if dst else None))
+        # The store named by MLFLOW_TRACKING_URI now, not one an earlier call in this process made the default.
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst) if dst else None,
+                                                         tracking_uri=uri, registry_uri=uri))
     except Exception as exc:  # MlflowException, OSError: one line naming the URI
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BaizeError(f"{text}: cannot download the adapter from MLflow: {first}") from None

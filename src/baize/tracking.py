@@ -9,9 +9,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from baize.errors import BaizeError
 
 PIPELINE_TAG = "baize.pipeline_id"
 STAGE_TAG = "baize.stage"
@@ -25,6 +28,59 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 def default_tracking_uri(project_root: Path) -> str:
     """`MLFLOW_TRACKING_URI` when set (a team server), else SQLite `mlflow.db` at the project root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project_root).resolve() / 'mlflow.db'}"
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server (team mode: artifacts go through it, credentials from the environment), not a local store."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def _public(uri: str) -> str:
+    """The URI without any `user:password@` part, for messages."""
+    return re.sub(r"//[^/@]*@", "//", uri)
+
+
+def explain(exc: BaseException, uri: str) -> BaizeError | None:
+    """One line for an MLflow failure against a server (credentials, permissions, the server or its database
+    down), naming the server and the user but never the password; None for anything else."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException) or not is_server(uri):
+        return None
+    where = f"MLflow server {_public(uri)}"
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    text = str(exc)
+    endpoint = re.search(r"endpoint (/\S+)", text)
+    what = f" ({endpoint.group(1)})" if endpoint else ""
+    code = getattr(exc, "error_code", "")
+    if code == "UNAUTHENTICATED":
+        return BaizeError(f"{where}: not authenticated as {user or '(no user)'!r}{what}: check "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if code == "PERMISSION_DENIED":
+        return BaizeError(f"{where}: user {user!r} may not do this{what} (read-only?): ask an admin for EDIT "
+                          "on the experiment or registered model")
+    if re.search(r"Max retries exceeded|Connection ?(refused|reset|aborted)|NewConnectionError|RemoteDisconnected",
+                 text):
+        cause = "server errors (its database may be down)" if re.search(r"too many 5\d\d", text) else "unreachable"
+        return BaizeError(f"{where}: {cause}{what}; this stage logged nothing complete: re-run `dvc repro` "
+                          "when the server is back")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return BaizeError(f"{where}: {first[:300]}")
+
+
+def check_server(uri: str, experiment: str) -> None:
+    """Fail fast, before a stage's work, when the tracking server is down or refuses the credentials."""
+    if not is_server(uri):
+        return
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception as exc:  # noqa: BLE001 - turned into one line below, or re-raised
+        err = explain(exc, uri)
+        if err is None:
+            raise
+        raise err from None
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -97,20 +153,30 @@ def stage_run(
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    experiment_id = _experiment_id(client, experiment, artifact_root)
-    all_tags = {**tags, STAGE_TAG: stage, KIND_TAG: "stage"}
-    parent = None
-    if pipeline_id:
-        all_tags[PIPELINE_TAG] = pipeline_id
-        parent = _pipeline_parent(client, experiment_id, pipeline_id, tags)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, tags=all_tags, parent_run_id=parent,
-        log_system_metrics=system_metrics,
-    ) as run:
-        mlflow.log_params(flatten(params))
-        yield run
+    # On a server the server decides where artifacts go (proxied: clients need no storage credentials).
+    if is_server(tracking_uri):
+        artifact_root = None
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        client = MlflowClient(tracking_uri)
+        experiment_id = _experiment_id(client, experiment, artifact_root)
+        all_tags = {**tags, STAGE_TAG: stage, KIND_TAG: "stage"}
+        parent = None
+        if pipeline_id:
+            all_tags[PIPELINE_TAG] = pipeline_id
+            parent = _pipeline_parent(client, experiment_id, pipeline_id, tags)
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, tags=all_tags, parent_run_id=parent,
+            log_system_metrics=system_metrics,
+        ) as run:
+            mlflow.log_params(flatten(params))
+            yield run
+    except Exception as exc:
+        # A server that refuses the user or went away mid-stage: one line instead of a traceback.
+        err = explain(exc, tracking_uri)
+        if err is None:
+            raise
+        raise err from None
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:

@@ -60,6 +60,10 @@ from baize.hardware import resolve_mixed_precision
 from baize.transcript import atomic_write_text
 from baize.inference import STACK_NAME  # the frozen first LoRA of a stack: its adapter name and subfolder
 
+# bitsandbytes warns on every int8 load of a CPU with AVX512-BF16 that its optional 4-bit kernels package is
+# missing; 4-bit is never used here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 ADAPTER_META = "baize_adapter.json"
 REQUIRED_COLUMNS = ("input_ids", "labels")
 IGNORE = -100  # label of a position that is not trained (prompt, padding)
@@ -346,6 +350,33 @@ class BaizeTrainer(Trainer):
         else:
             loss = loss_sum / max(targets.numel(), 1)
         return (loss, outputs) if return_outputs else loss
+
+
+class StepBar(TrainerCallback):
+    """A tqdm bar over the optimizer steps with the last loss (and val loss) beside the rate and the ETA."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", file=sys.stderr,
+                        dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss") if isinstance((logs or {}).get(k), (int, float))}
+        if self.bar is not None and shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class MlflowSteps(TrainerCallback):
@@ -652,6 +683,12 @@ def train(
         max_batch_tokens=params.max_batch_tokens,
         stacked=stack_on is not None,
     )
+    # A step bar (rate, ETA, the last loss) on stderr instead of a raw dict printed per logged step.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    if int(os.environ.get("RANK", "0")) == 0:
+        trainer.add_callback(StepBar())
 
     base_eval: dict[str, float] = {}
     if val_ds is not None:

@@ -82,6 +82,10 @@ def _files_id(model_dir: Path) -> str:
     return f"local:{digest.hexdigest()[:16]}"
 
 
+NUCLEUS_CANDIDATES = 256
+"""Top tokens sorted per decode step for top-p sampling (the whole vocabulary when their mass is below top_p)."""
+
+
 @dataclass
 class LocalStats:
     """Where the worker's time went: prompt prefill vs batched decode steps (and how full the batch was)."""
@@ -689,13 +693,21 @@ def _sample(logits: torch.Tensor, jobs: list[_Job]) -> list[int]:
     index = torch.tensor(sampled)
     temps = torch.tensor([jobs[i].temperature for i in sampled]).unsqueeze(1)
     top_p = torch.tensor([jobs[i].top_p for i in sampled]).unsqueeze(1)
-    scores = logits[index] / temps
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    probs = sorted_scores.softmax(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-    drop = (probs.cumsum(dim=-1) - probs) >= top_p
-    probs = probs.masked_fill(drop, 0.0)
+    probs = (logits[index] / temps).softmax(dim=-1)
+    # The nucleus (the smallest set of most likely tokens whose mass reaches top_p) nearly always lies within the
+    # top few hundred of a 49k vocabulary: sorting only those (exact whenever their mass reaches top_p, else the
+    # whole row) took a fifth of each decode step off, with the sort and the draw over the full vocabulary.
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    probs, order = probs.topk(k, dim=-1)
+    short = (probs.sum(dim=-1, keepdim=True) < top_p).squeeze(1)
+    rows_full = {}
+    if short.any():
+        full_probs, full_order = (logits[index[short]] / temps[short]).softmax(dim=-1).sort(dim=-1, descending=True)
+        rows_full = {int(r): (full_probs[j], full_order[j]) for j, r in enumerate(short.nonzero().flatten())}
     for row, i in enumerate(sampled):
-        pick = torch.multinomial(probs[row], 1, generator=jobs[i].generator)
-        tokens[i] = int(order[row, pick])
+        p, o = rows_full.get(row, (probs[row], order[row]))
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        p = p.masked_fill((p.cumsum(dim=-1) - p) >= top_p[row], 0.0)
+        pick = torch.multinomial(p, 1, generator=jobs[i].generator)
+        tokens[i] = int(o[pick])
     return tokens
