@@ -37,8 +37,9 @@ def headline(metrics: dict) -> dict:
     out = {f"ppl{i}": ppl[name] for i, name in models}
     out.update({f"stop{i}": gen[name].get("stop_rate") for i, name in models})
     out.update({f"leak{i}": gen[name].get("role_leak_rate") for i, name in models if i != "0"})
-    if "v2_vs_adapter" in (metrics.get("pairwise") or {}):  # the judge's verdict (its scores: report.json)
-        out["win2"] = metrics["pairwise"]["v2_vs_adapter"]["win_rate"]
+    win = ((metrics.get("pairwise") or {}).get("v2_vs_adapter") or {}).get("win_rate")
+    if win is not None:  # the judge's verdict (its scores: report.json); none when it parsed no verdict
+        out["win2"] = win
     return out
 
 

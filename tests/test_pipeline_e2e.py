@@ -272,7 +272,7 @@ def test_mlflow_ui_serves_the_runs_with_their_tags(pipeline):
             tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
             if tags.get("baize.kind") == "stage":
                 stages[tags["baize.stage"]] = tags
-        assert set(STAGES) <= set(stages)
+        assert set(STAGES) - {"params"} <= set(stages)  # the params check logs no run
         assert all("mlflow.source.git.commit" in tags and "baize.pipeline_id" in tags for tags in stages.values())
     finally:
         server.terminate()
