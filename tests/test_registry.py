@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from baize import inference, registry
+from baize import registry
 
 
 def _adapter(folder: Path, content: str) -> Path:
@@ -35,5 +35,15 @@ def test_versions_and_champion_on_the_local_store(tmp_path, monkeypatch):
                        ("3", False, False)]
     assert registry.champion("m", uri) == "4"
     assert client.get_model_version("m", "4").tags["metric.ppl"] == "2.0"
-    local = inference.resolve_adapter("models:/m@champion", dst=tmp_path / "dl")
+    # As a user's `baize chat --adapter models:/m@champion` would: a fresh process with only MLFLOW_TRACKING_URI
+    # (in this process, other tests' MLflow calls leave global state behind).
+    import subprocess
+    import sys
+
+    code = ("import sys; from baize import inference; "
+            "print(inference.resolve_adapter('models:/m@champion', dst=sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dl")], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    local = Path(proc.stdout.strip().splitlines()[-1])
     assert (local / "adapter_model.safetensors").read_text() == "D"

@@ -54,6 +54,14 @@ def json_error(exc: json.JSONDecodeError) -> str:
     return f"{exc.msg} (column {exc.colno})"
 
 
+def _close_progress_bars() -> None:
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        bar.close()
+
+
 def one_line_errors(fn: Callable) -> Callable:
     """Decorate a command: a BaizeError becomes `error: <one line>` on stderr and its exit status, no traceback."""
 
@@ -62,6 +70,7 @@ def one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except BaizeError as exc:
+            _close_progress_bars()  # else a bar left open redraws itself at exit, below the error line
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
 
