@@ -240,7 +240,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[dict[str, Any]], *, whi
                      chat_tokenizer: Any = None) -> dict[str, list[inference.Generation]]:
     """Answers of each variant (`variant`), same prompts, same seeds: Baize's inference prompt (`prompt_format`),
     except `base_chat`, which is asked through `chat_tokenizer`'s own chat template (the base model's)."""
-    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens, prompt_format) for p in prompts]
+    budget = inference.prompt_budget(max_context_tokens, max_new_tokens)  # room left for the answer
+    texts = [inference.build_prompt(p["text"], (), tokenizer, budget, prompt_format) for p in prompts]
     out = {}
     for name in which:
         prompts_of = texts
@@ -274,7 +275,8 @@ def generate_answers_served(model_dir: Path, adapters: dict[str, Path | None], t
     from baize.selfchat.backend import ChatRequest
     from baize.selfchat.local_backend import LocalBackend
 
-    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens, prompt_format) for p in prompts]
+    budget = inference.prompt_budget(max_context_tokens, max_new_tokens)  # room left for the answer
+    texts = [inference.build_prompt(p["text"], (), tokenizer, budget, prompt_format) for p in prompts]
     chat_texts = None
     if "base_chat" in which:
         chat_texts = [chat_tokenizer.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False,

@@ -45,19 +45,18 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from baize.errors import BaizeError, ParamsError
-from baize.hardware import cpu_has_native_bf16
+from baize import hardware
 from baize.selfchat.backend import BackendError, ChatRequest, Completion
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(dtype: str) -> str:
-    """`auto`: bfloat16 on CPUs with native bf16 matmuls, else float32; other names are checked and kept."""
+    """`auto`: what this machine computes natively (`baize.hardware.resolve_dtype`: bf16 on GPUs that have it,
+    on the CPU bfloat16 only with native bf16 matmuls, else float32); other names are checked and kept."""
     if dtype not in (*DTYPES, "auto"):
         raise ParamsError(f"local backend dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    if dtype == "auto":
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
-    return dtype
+    return hardware.resolve_dtype(dtype)
 
 
 def model_identity(model_dir: str | Path, dtype: str) -> str:
@@ -169,6 +168,9 @@ class LocalBackend:
             raise ParamsError(f"local backend batch_size: {batch_size} must be >= 1")
         self.dtype = dtype = resolve_dtype(dtype)
         model_dir = Path(model_dir)
+        # The device (and device_map for a model larger than one GPU) every tensor of the decode loop goes to.
+        self.placement = hardware.placement(dtype, model_dir)
+        self.device = self.placement.input_device
         if not (model_dir / "config.json").is_file():
             raise BaizeError(
                 f"{model_dir}: no model folder with a config.json; materialize the base model first "
@@ -179,6 +181,7 @@ class LocalBackend:
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        hardware.check_remote_code(model_dir)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(
@@ -186,6 +189,7 @@ class LocalBackend:
                 dtype=torch.float32 if adapter is not None else DTYPES[dtype],
                 use_safetensors=True,
                 local_files_only=True,
+                device_map=self.placement.device_map,  # None on the CPU: loaded as before
             ).eval()
         except (OSError, ValueError) as exc:
             raise BaizeError(f"{model_dir}: cannot load the model: {str(exc).splitlines()[0]}") from exc
@@ -311,7 +315,7 @@ class LocalBackend:
             if request.prompt is not None or request.choices is not None:
                 fields.append({"prompt": request.prompt, "choices": request.choices})
             payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
-            generator = torch.Generator().manual_seed(int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16))
+            generator = torch.Generator(device=self.device).manual_seed(int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16))
         return _Job(
             prompt_ids=prompt_ids,
             max_new=min(request.max_tokens, room),
@@ -411,11 +415,11 @@ class LocalBackend:
         caches, masks, logits = [], [], []
         for job in group:
             reused, prefix = self._prefixes.lookup(job.prompt_ids)
-            ids = torch.tensor([job.prompt_ids[reused:]], dtype=torch.long)
+            ids = torch.tensor([job.prompt_ids[reused:]], dtype=torch.long, device=self.device)
             out = self.model(
                 input_ids=ids,
-                attention_mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long),
-                position_ids=torch.arange(reused, len(job.prompt_ids)).unsqueeze(0),
+                attention_mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(reused, len(job.prompt_ids), device=self.device).unsqueeze(0),
                 cache=prefix,
                 use_cache=True,
                 logits_to_keep=1,
@@ -425,7 +429,7 @@ class LocalBackend:
             self._prefixes.add(job.prompt_ids, out.cache)
             job.next_pos = len(job.prompt_ids)
             caches.append(out.cache)
-            masks.append(torch.ones((1, len(job.prompt_ids)), dtype=torch.long))
+            masks.append(torch.ones((1, len(job.prompt_ids)), dtype=torch.long, device=self.device))
             logits.append(out.logits[:, -1, :])
         if rows:
             caches.insert(0, state["cache"])
@@ -442,9 +446,10 @@ class LocalBackend:
         started = time.perf_counter()
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(rows)
-        ids = torch.tensor([[job.generated[-1]] for job in rows], dtype=torch.long)
-        positions = torch.tensor([[job.next_pos] for job in rows], dtype=torch.long)
-        state["mask"] = torch.cat([state["mask"], torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        ids = torch.tensor([[job.generated[-1]] for job in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[job.next_pos] for job in rows], dtype=torch.long, device=self.device)
+        ones = torch.ones((len(rows), 1), dtype=torch.long, device=self.device)
+        state["mask"] = torch.cat([state["mask"], ones], dim=1)
         out = self.model(
             input_ids=ids,
             attention_mask=state["mask"],
@@ -461,7 +466,8 @@ class LocalBackend:
 
     def _advance(self, logits: torch.Tensor, rows: list[_Job], state: dict, only_from: int) -> None:
         """Sample one token for rows[only_from:], finish the ones that are done, and drop them from the batch."""
-        logits = _constrain(logits.float(), rows[only_from:])
+        # On the device of the generators (the first GPU when a model is spread over several).
+        logits = _constrain(logits.float().to(self.device), rows[only_from:])
         tokens = _sample(logits, rows[only_from:])
         for offset, job in enumerate(rows[only_from:]):
             if job.top_logprobs:  # of the model's distribution (temperature 1), over the allowed tokens
@@ -488,7 +494,7 @@ class LocalBackend:
             if not rows:
                 state.clear()
                 return
-            index = torch.tensor(keep, dtype=torch.long)
+            index = torch.tensor(keep, dtype=torch.long)  # a CPU index selects rows of tensors on any device
             state["cache"].batch_select_indices(index)
             state["mask"] = state["mask"][index]
             # Columns that are padding in every remaining row are dead weight for every later step.
@@ -677,7 +683,7 @@ def _constrain(logits: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
         return logits
     logits = logits.clone()
     for i in constrained:
-        allowed = torch.tensor(list(jobs[i].node), dtype=torch.long)
+        allowed = torch.tensor(list(jobs[i].node), dtype=torch.long, device=logits.device)
         row = torch.full_like(logits[i], float("-inf"))
         row[allowed] = logits[i, allowed]
         logits[i] = row
@@ -690,9 +696,9 @@ def _sample(logits: torch.Tensor, jobs: list[_Job]) -> list[int]:
     sampled = [i for i, job in enumerate(jobs) if job.generator is not None]
     if not sampled:
         return tokens
-    index = torch.tensor(sampled)
-    temps = torch.tensor([jobs[i].temperature for i in sampled]).unsqueeze(1)
-    top_p = torch.tensor([jobs[i].top_p for i in sampled]).unsqueeze(1)
+    index = torch.tensor(sampled, device=logits.device)
+    temps = torch.tensor([jobs[i].temperature for i in sampled], device=logits.device).unsqueeze(1)
+    top_p = torch.tensor([jobs[i].top_p for i in sampled], device=logits.device).unsqueeze(1)
     probs = (logits[index] / temps).softmax(dim=-1)
     # The nucleus (the smallest set of most likely tokens whose mass reaches top_p) nearly always lies within the
     # top few hundred of a 49k vocabulary: sorting only those (exact whenever their mass reaches top_p, else the
