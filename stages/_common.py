@@ -249,16 +249,6 @@ def write_reports(metrics_path: str | Path, *, headline: dict | None, report: di
     return paths
 
 
-def placement(dtype: str, model_dir: str | Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(MLflow tags, run.json keys) naming the device and dtype a local model of this stage computes with, as
-    `baize.hardware` decides them. run.json, not report.json: the same inputs must give the same DVC outputs on
-    any machine."""
-    from baize import hardware
-
-    tags = hardware.placement(dtype, model_dir).tags()
-    return tags, {"device": tags["baize.device"], "dtype": tags["baize.dtype"]}
-
-
 def cpu_seconds() -> dict:
     """CPU time this stage process has used so far (user + system, its threads and finished children): unlike the
     wall clock, about the same on a busy machine; on an idle one wall ~ cpu_s / the cores the stage keeps busy."""

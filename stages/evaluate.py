@@ -237,7 +237,10 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
         }
     if params.lm_eval_tasks:
         metrics["lm_eval"] = evaluation.run_lm_eval(model_dir, adapter_dir, params.lm_eval_tasks, params.lm_eval_limit)
-    device_tags, device_keys = _common.placement(params.dtype, model_dir)
+    from baize import hardware
+
+    placed = hardware.placement(params.dtype, model_dir)  # what load_model and the local backend chose
+    device_tags, device_keys = placed.tags(), placed.run_keys()
     timing: dict = {"wall_s": round(time.perf_counter() - started, 1), **device_keys}
 
     out_dir.mkdir(parents=True, exist_ok=True)

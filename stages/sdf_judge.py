@@ -108,7 +108,9 @@ def main(samples_path: Path, model_dir: Path, adapter_dir: Path, out_dir: Path, 
     timing["wall_s"] = round(time.perf_counter() - started, 1)
     device_tags: dict[str, str] = {}
     if params.backend == "local":
-        device_tags, device_keys = _common.placement(params.local_dtype, model_dir)
+        from baize import hardware  # (torch: imported once a local model is known to be used)
+        placed = hardware.placement(params.local_dtype, model_dir)
+        device_tags, device_keys = placed.tags(), placed.run_keys()
         timing.update(device_keys)
     sdf.write_jsonl(out_dir / "judged.jsonl", records)
     write_jsonl(out_dir / "best.jsonl", sdf.best_transcripts(best, model_id))

@@ -161,7 +161,9 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
     report, journal_use = _common.split_keys(result.metrics, RUN_KEYS)
     device_tags: dict[str, str] = {}
     if params.backend == "local":
-        device_tags, device_keys = _common.placement(params.local_dtype, model_dir)
+        from baize import hardware  # (torch: imported once a local model is known to be used)
+        placed = hardware.placement(params.local_dtype, model_dir)
+        device_tags, device_keys = placed.tags(), placed.run_keys()
         journal_use.update(device_keys)
     paths = _common.write_reports(
         metrics_path, headline=None, report=report, run=journal_use

@@ -155,9 +155,15 @@ class Placement:
         return kwargs
 
     def tags(self) -> dict[str, str]:
-        """MLflow tags / run.json keys naming what was used."""
+        """MLflow tags naming what was used."""
         return {"baize.device": "auto (spread over GPUs)" if self.device_map == "auto" else self.device,
                 "baize.dtype": self.dtype}
+
+    def run_keys(self) -> dict[str, str]:
+        """The same for a stage's run.json (machine-dependent: not in its DVC-tracked report.json, which the
+        inputs alone decide)."""
+        tags = self.tags()
+        return {"device": tags["baize.device"], "dtype": tags["baize.dtype"]}
 
 
 def placement(dtype: str = "auto", model_dir: str | Path | None = None) -> Placement:
