@@ -374,7 +374,12 @@ def run_lm_eval(base: Path, adapter: Path | None, tasks: Sequence[str], limit: i
         raise BaizeError(
             "evaluate.lm_eval_tasks is set but lm-evaluation-harness is not installed (pip install lm-eval)"
         ) from None
-    kwargs = {"pretrained": str(base), "batch_size": batch_size, "trust_remote_code": False}
+    from baize import hardware
+
+    hardware.check_remote_code(base)
+    # On the device baize.hardware picks (the harness's own default is cuda, which fails on a CPU machine).
+    kwargs = {"pretrained": str(base), "batch_size": batch_size, "trust_remote_code": False,
+              "device": str(hardware.device())}
     if adapter is not None:
         kwargs["peft"] = str(adapter)
     try:

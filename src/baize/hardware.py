@@ -97,7 +97,7 @@ def resolve_mixed_precision(setting: str) -> str:
     if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if kind == "mps":
-        return "fp16"
+        return "no"  # fp32 training on MPS: autocast there depends on the macOS and torch versions (inference: fp16)
     return "bf16" if cpu_has_native_bf16() else "no"
 
 

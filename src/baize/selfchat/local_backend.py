@@ -315,7 +315,8 @@ class LocalBackend:
             if request.prompt is not None or request.choices is not None:
                 fields.append({"prompt": request.prompt, "choices": request.choices})
             payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
-            generator = torch.Generator(device=self.device).manual_seed(int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16))
+            seed = int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16)
+            generator = torch.Generator(device=self.device).manual_seed(seed)  # where the logits are sampled
         return _Job(
             prompt_ids=prompt_ids,
             max_new=min(request.max_tokens, room),
