@@ -438,7 +438,7 @@ def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
     # The counters were reduced on the process group's device (gloo: the CPU; NCCL would be cuda:<rank>), and
     # summed over both ranks: every label token of the two micro-batches per step.
     run = json.loads((project / "reports/train/run.json").read_text())
-    assert run["device"] == "cpu" and run["dtype"] == "int8"
+    assert run["device"].split(":")[0] == "cpu" and run["dtype"] == "int8"  # accelerate names it cpu:<rank>
     assert metrics["trained_tokens"] > 0
     assert (project / "models/adapter/adapter_model.safetensors").is_file()
     _, runs = _stage_runs(project)
