@@ -4,8 +4,8 @@
   else the CPU (the default on the offline machine, where nothing changes: float32 and the `auto` rules below).
   `BAIZE_DEVICE=cpu|cuda|mps` overrides the choice (e.g. keep a GPU free for another job).
 - Dtype of a `*dtype` param set to `auto`: bf16 on GPUs that compute it natively, fp16 on older ones and on MPS
-  (bf16 there needs macOS 14 and is not in every kernel), on the CPU bf16 only with native bf16 matmuls (AMX /
-  AVX512-BF16), else float32. An explicit dtype is always kept.
+  (bf16 there needs macOS 14 and is not in every kernel; training's autocast stays off on MPS), on the CPU bf16
+  only with native bf16 matmuls (AMX / AVX512-BF16), else float32. An explicit dtype is always kept.
 - int8 (bitsandbytes) frozen bases: the weights are placed at load time, on this process's GPU.
 - Models that do not fit one GPU: `device_map="auto"` (accelerate spreads the layers over the visible GPUs, and
   the CPU after them), chosen automatically when the weights in the target dtype exceed 90% of the first GPU's
