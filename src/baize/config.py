@@ -433,10 +433,10 @@ class EvaluateParams(Section):
     """Baize's demo samples with temperature 1 and top-p 0.95; 0 means greedy."""
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
-    """Prompts generated together."""
+    """Answers generated together (local: rows of every model in one batch, e.g. 4 models x 16 prompts = 64)."""
     engine: Literal["local", "generate"] = "local"
-    """local: the self-chat engine's local backend (continuous batching, adapters merged; a reply that ends frees
-    its row); generate: transformers' `model.generate`, `batch_size` prompts at a time, every row decoded until the
+    """local: the self-chat engine's local backend (continuous batching; base, v1.5 and v2 in one batch, each row
+    with its own LoRA; a reply that ends frees its row); generate: transformers' `model.generate`, `batch_size` prompts at a time, every row decoded until the
     longest ends."""
     seed: int = 42
     """Sampling seed: the same for every model (local: prompt i uses seed + i; generate: batch i uses seed + i)."""
