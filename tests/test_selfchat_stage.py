@@ -93,7 +93,8 @@ def test_kill_9_mid_run_then_resume_loses_nothing_and_pays_nothing_twice(tmp_pat
     assert (tmp_path / "data/selfchat/transcripts.jsonl").read_bytes() == first
     ids = [json.loads(x)["seed_id"] for x in first.decode().splitlines()]
     assert ids == [f"seed{i:03d}" for i in range(20)]  # no duplicate, no missing seed, seed order
-    assert (tmp_path / "data/selfchat/failures.jsonl").read_text() == ""
+    assert (tmp_path / "data/selfchat/failures/failures.jsonl").read_text() == ""
+    assert (tmp_path / "data/selfchat/failures/README.md").stat().st_size  # the DVC output is never empty
     assert json.loads((tmp_path / "reports/selfchat/report.json").read_text())["transcripts"] == 20
     assert not (tmp_path / "reports/selfchat/metrics.json").exists()  # no headline: `dvc exp show` fits 120 columns
     # The journal's share depends on the runs before, not on the inputs: in the untracked run.json only.
@@ -112,7 +113,7 @@ def test_stage_outputs_metrics_and_mlflow_run_without_the_key(tmp_path):
         assert any(SENTINEL in h for h in stub.state.auth_headers)
     assert done.returncode == 0, done.stderr
     assert "5/6 transcripts" in done.stdout
-    failures = [json.loads(x) for x in (tmp_path / "data/selfchat/failures.jsonl").read_text().splitlines()]
+    failures = [json.loads(x) for x in (tmp_path / "data/selfchat/failures/failures.jsonl").read_text().splitlines()]
     assert [(f["seed_id"], f["reason"]) for f in failures] == [("seed003", "no_complete_pair")]
     metrics = json.loads((tmp_path / "reports/selfchat/report.json").read_text())
     assert metrics["transcripts"] == 5 and metrics["failures_by_reason"] == {"no_complete_pair": 1}
