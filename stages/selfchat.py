@@ -161,7 +161,7 @@ def write_failures(folder: Path, failures: list[dict]) -> None:
 @click.option("--out", "out_dir", default="data/selfchat", show_default=True, type=click.Path(path_type=Path))
 @click.option("--journal", "journal_path", default=None, type=click.Path(path_type=Path), help="default: <out>/journal.jsonl")
 @click.option("--metrics", "metrics_path", default="reports/selfchat/metrics.json", show_default=True, type=click.Path(path_type=Path))
-@click.option("--progress/--no-progress", default=None, help="progress bar (default: only on a terminal)")
+@click.option("--progress/--no-progress", default=None, help="progress (default: a bar on a terminal, a line every 10 s off it)")
 @_common.entrypoint
 def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | None, metrics_path: Path, progress) -> None:
     params, tracking = _common.load("selfchat", "tracking")
