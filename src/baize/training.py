@@ -355,14 +355,14 @@ class BaizeTrainer(Trainer):
 class StepBar(TrainerCallback):
     """A tqdm bar over the optimizer steps with the last loss (and val loss) beside the rate and the ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str = "train") -> None:
         self.bar = None
+        self.desc = desc
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
+        from baize import progress  # a bar on a terminal, a line every 10 s off it (DVC queue logs, CI)
 
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = progress.bar(state.max_steps, initial=state.global_step, desc=self.desc, unit="step")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
