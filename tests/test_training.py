@@ -279,6 +279,7 @@ def test_stage_writes_adapter_metrics_plots_and_one_mlflow_run(tiny_project, tmp
     assert "train: 100%" in proc.stderr and "loss=" in proc.stderr, proc.stderr[-2000:]
     assert "{'loss'" not in proc.stdout + proc.stderr and "is_gradient_checkpointing" not in proc.stderr
     assert "integer column" not in proc.stderr  # MLflow's schema hint about token ids (from_huggingface and log_input)
+    assert "train: val loss:" in proc.stderr  # the val passes (the base's loss first) say so too
 
     adapter = project / "models/adapter"
     names = {p.name for p in adapter.iterdir()}
