@@ -6,6 +6,9 @@ VENV ?= .venv
 # (or install torch into .venv yourself and pass TORCH=).
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist, one module per process: module-scoped set-ups run once). Torch threads are split
+# between them, so the CPU is not oversubscribed. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
@@ -28,7 +31,9 @@ repro: setup
 	dvc repro
 
 test: setup
-	python -m pytest $(PYTEST_ARGS)
+	$(if $(filter 0,$(PYTEST_WORKERS)),python -m pytest $(PYTEST_ARGS),\
+	  OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(( ($$(nproc) + $(PYTEST_WORKERS) - 1) / $(PYTEST_WORKERS) ))} \
+	  python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS))
 
 # Team mode on this machine (README "For teams"): PostgreSQL, the MLflow server (basic auth, proxied artifacts) and
 # sshd for the DVC remote, on 127.0.0.1, state in .team/ (git-ignored). Needs Debian's postgresql and

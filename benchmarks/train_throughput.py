@@ -123,7 +123,7 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
     if reference:  # whole-text loss
         ds = ds.remove_columns("labels").rename_column("labels_all", "labels")
         overrides = {"gradient_checkpointing": False, "max_batch_tokens": 0, **overrides}
-    params = TrainParams(micro_batch_size=micro, gradient_accumulation_steps=accum, max_steps=steps,
+    params = TrainParams(batch_size=micro * accum, micro_batch_size=micro, max_steps=steps,
                          warmup_steps=0, save_steps=10**6, eval_steps=10**6, **overrides)
     mixed = hardware.resolve_mixed_precision(params.mixed_precision)
     tokenizer = training.load_tokenizer(Path("/nonexistent"), model_dir)

@@ -237,7 +237,11 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
         }
     if params.lm_eval_tasks:
         metrics["lm_eval"] = evaluation.run_lm_eval(model_dir, adapter_dir, params.lm_eval_tasks, params.lm_eval_limit)
-    timing: dict = {"wall_s": round(time.perf_counter() - started, 1)}
+    from baize import hardware
+
+    placed = hardware.placement(params.dtype, model_dir)  # what load_model and the local backend chose
+    device_tags, device_keys = placed.tags(), placed.run_keys()
+    timing: dict = {"wall_s": round(time.perf_counter() - started, 1), **device_keys}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
@@ -256,7 +260,7 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
 
         from baize.tracking import log_metrics
 
-        tags = {"baize.adapter": str(adapter)}
+        tags = {"baize.adapter": str(adapter), **device_tags}
         if train_run:
             tags["baize.train_run_id"] = train_run  # the link from this evaluation to the run that trained it
         if sdf_run:

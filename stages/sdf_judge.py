@@ -110,6 +110,12 @@ def main(samples_path: Path, model_dir: Path, adapter_dir: Path, out_dir: Path, 
     }
     report, timing = _common.split_keys(metrics, ("requests", "from_journal"))
     timing["wall_s"] = round(time.perf_counter() - started, 1)
+    device_tags: dict[str, str] = {}
+    if params.backend == "local":
+        from baize import hardware  # (torch: imported once a local model is known to be used)
+        placed = hardware.placement(params.local_dtype, model_dir)
+        device_tags, device_keys = placed.tags(), placed.run_keys()
+        timing.update(device_keys)
     sdf.write_jsonl(out_dir / "judged.jsonl", records)
     write_jsonl(out_dir / "best.jsonl", sdf.best_transcripts(best, model_id))
     paths = _common.write_reports(metrics_path, report=report, run=timing, headline=None)
@@ -121,7 +127,7 @@ def main(samples_path: Path, model_dir: Path, adapter_dir: Path, out_dir: Path, 
 
         train_run = _common.adapter_run(adapter_dir, tracking.experiment)
         mlflow.set_tags({"baize.train_run_id": train_run} if train_run else {})
-        mlflow.set_tags({"baize.sdf_judge.model": model_id, "baize.sdf_judge.prompt": params.prompt})
+        mlflow.set_tags({"baize.sdf_judge.model": model_id, "baize.sdf_judge.prompt": params.prompt, **device_tags})
         log_metrics({**metrics, **timing})
         mlflow.log_table(data=flat_table(records), artifact_file="sdf/judged.json")
         if tracking.log_artifacts:

@@ -94,6 +94,12 @@ def main(model_dir: Path, adapter_dir: Path, seeds_path: Path, transcripts_path:
     # How many answers came from the journal depends on earlier runs, not on the inputs: run.json, not dvc.lock.
     report, timing = _common.split_keys(metrics, ("sampled_now", "from_journal"))
     timing["wall_s"] = round(time.perf_counter() - started, 1)
+    device_tags: dict[str, str] = {}
+    if params.backend == "local":
+        from baize import hardware  # (torch: imported once a local model is known to be used)
+        placed = hardware.placement(params.local_dtype, model_dir)
+        device_tags, device_keys = placed.tags(), placed.run_keys()
+        timing.update(device_keys)
     sdf.write_jsonl(out_dir / "prompts.jsonl", prompts)
     # Without the `cached` flag: the file must be the same whether an answer was sampled now or journaled.
     sdf.write_jsonl(out_dir / "samples.jsonl", [{k: v for k, v in s.items() if k != "cached"} for s in samples])
@@ -106,6 +112,7 @@ def main(model_dir: Path, adapter_dir: Path, seeds_path: Path, transcripts_path:
 
         train_run = _common.adapter_run(adapter_dir, tracking.experiment)
         mlflow.set_tags({"baize.train_run_id": train_run} if train_run else {})
+        mlflow.set_tags(device_tags)
         log_metrics({**metrics, **timing})
         mlflow.log_table(data=flat_table(samples), artifact_file="sdf/samples.json")
         if tracking.log_artifacts:

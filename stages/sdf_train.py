@@ -79,7 +79,8 @@ def main(best_path: Path, data_dir: Path, model_dir: Path, adapter_dir: Path, to
         from baize.tracking import ADAPTER_TAG, folder_sha256
 
         tags = {ADAPTER_TAG: folder_sha256(out_dir), "baize.base.sha256": result.base_sha256, "baize.train.fingerprint": result.data_digests["fingerprint"],
-                "baize.train.mixed_precision": result.metrics["mixed_precision"]}
+                "baize.train.mixed_precision": result.metrics["mixed_precision"],
+                "baize.device": result.metrics["device"], "baize.dtype": result.metrics["dtype"]}
         if first_run:
             tags["baize.train_run_id"] = first_run  # the v1.5 run this one started from
         mlflow.set_tags(tags)

@@ -174,6 +174,12 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
     write_failures(out_dir / "failures", result.failures)
     # What a re-run with the same inputs changes (time, the journal's share, retries) goes to run.json, untracked.
     report, journal_use = _common.split_keys(result.metrics, RUN_KEYS)
+    device_tags: dict[str, str] = {}
+    if params.backend == "local":
+        from baize import hardware  # (torch: imported once a local model is known to be used)
+        placed = hardware.placement(params.local_dtype, model_dir)
+        device_tags, device_keys = placed.tags(), placed.run_keys()
+        journal_use.update(device_keys)
     paths = _common.write_reports(
         metrics_path, headline=None, report=report, run=journal_use
     )
@@ -184,7 +190,7 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
         from baize import tracking as tracking_lib
 
         tracking_lib.log_metrics(result.metrics)
-        mlflow.set_tags({"baize.selfchat.backend": params.backend, "baize.selfchat.mode": params.mode})
+        mlflow.set_tags({"baize.selfchat.backend": params.backend, "baize.selfchat.mode": params.mode, **device_tags})
         if tracking.log_artifacts:
             mlflow.log_artifact(str(out_dir / "transcripts.jsonl"))
             mlflow.log_artifact(str(out_dir / "failures" / "failures.jsonl"))

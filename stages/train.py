@@ -82,7 +82,9 @@ def _log_inputs(data_dir: Path, digests: dict[str, str]) -> None:
 
 
 # Wall-clock, throughput, memory and whether a crash was resumed: run.json (untracked) and MLflow, not dvc.lock.
-RUN_KEYS = ("trained_tokens_per_s", "train_runtime_s", "total_runtime_s", "peak_rss_mb", "resumed_from_step")
+# The device and the base's dtype too: the same inputs must give the same DVC-tracked report on any machine.
+RUN_KEYS = ("trained_tokens_per_s", "train_runtime_s", "total_runtime_s", "peak_rss_mb", "resumed_from_step",
+            "device", "dtype")
 
 
 @click.command()
@@ -144,6 +146,8 @@ def main(data_dir: Path, model_dir: Path, out_dir: Path, checkpoints_dir: Path, 
             "baize.base.sha256": result.base_sha256,
             "baize.train.fingerprint": result.data_digests["fingerprint"],
             "baize.train.mixed_precision": result.metrics["mixed_precision"],
+            "baize.device": result.metrics["device"],
+            "baize.dtype": result.metrics["dtype"],
         })
         from baize.tracking import log_metrics
 

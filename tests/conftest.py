@@ -37,11 +37,15 @@ def base_model_dir() -> Path:
     Kept under .pytest_cache (git-ignored) so repeated test sessions skip the conversion; a folder
     without its provenance file (interrupted conversion) is redone.
     """
+    from filelock import FileLock
+
     from baize.base_model import materialize
 
     out = ROOT / ".pytest_cache" / "baize-base-model"
-    if not (out / "source.json").is_file():
-        materialize("packaged:smollm2-135m-instruct", out)
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # pytest-xdist workers: one converts, the others wait for it
+        if not (out / "source.json").is_file():
+            materialize("packaged:smollm2-135m-instruct", out)
     return out
 
 
@@ -51,3 +55,16 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+# The end-to-end modules run several pipelines each (minutes); collected first, so that under pytest-xdist
+# (`make test`: one module per process) they start at once and the short modules fill the other process.
+LONG_FIRST = ("test_team_e2e.py", "test_pipeline_e2e.py", "test_sdf.py", "test_evaluate.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module is kept

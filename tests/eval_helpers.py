@@ -96,7 +96,11 @@ def build(base_dir: Path, out: Path, steps: int = 12) -> None:
 
 def tiny_adapter(base_dir: Path) -> Path:
     """Folder with `adapter/` (PEFT LoRA + tokenizer + baize_adapter.json) and `tokenized/{train,val}`."""
+    from filelock import FileLock
+
     out = ROOT / ".pytest_cache" / f"baize-eval-adapter-{VERSION}"
-    if not (out / "adapter" / "adapter_model.safetensors").is_file():
-        build(base_dir, out)
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # pytest-xdist workers: one trains it, the others wait
+        if not (out / "adapter" / "adapter_model.safetensors").is_file():
+            build(base_dir, out)
     return out

@@ -35,7 +35,8 @@ def test_paper_profile_is_the_papers_recipe():
     assert sections["selfchat"].backend in ("openai", "openai-batch")
     assert sections["selfchat"].model == "gpt-3.5-turbo"
     train = sections["train"]
-    assert train.micro_batch_size * train.gradient_accumulation_steps * train.num_processes == 64
+    assert train.batch_size == 64
+    assert train.micro_batch_size * train.gradient_accumulation_steps() * train.num_processes == 64
     assert train.learning_rate == 2e-4 and train.precision == "int8"
     assert (train.lora_r, train.lora_alpha, train.lora_dropout) == (8, 16, 0.05)
     assert sections["tokenize"].max_length == 512 and sections["tokenize"].val_size == 2000
@@ -52,6 +53,10 @@ def test_paper_profile_is_the_papers_recipe():
         ("model", {"dtype": "float8"}, "model.dtype = 'float8'"),
         ("seed", {"sources": [{"type": "file", "nam": "x"}]}, "unknown key 'seed.sources.0.nam' (allowed: type, name"),
         ("selfchat", {"temperature": 3.5}, "selfchat.temperature = 3.5: Input should be less than or equal to 2"),
+        ("train", {"batch_size": 64, "micro_batch_size": 4, "num_processes": 3},
+         "train: batch_size (64) must be a multiple of micro_batch_size x num_processes (4 x 3 = 12)"),
+        ("sdf_train", {"batch_size": 6}, "sdf_train: batch_size (6) must be a multiple of micro_batch_size"),
+        ("evaluate", {"max_new_tokens": 2048}, "evaluate: max_new_tokens (2048) must be smaller than max_context"),
     ],
 )
 def test_bad_values_give_one_line_naming_key_value_and_rule(section, raw, expected):
@@ -120,9 +125,8 @@ def test_a_bad_params_value_stops_dvc_repro_before_any_output_is_deleted(tmp_pat
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     project = tmp_path / "p"
     project.mkdir()
-    for name in ("stages", "src/baize/seeds"):
+    for name in ("stages", "src/baize"):  # the stages' deps: every module they import (tests/test_dvc_deps.py)
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "src/baize/config.py", project / "src/baize/config.py")
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"params": spec["params"], "seed": spec["seed"]}}))
     params = yaml.safe_load((ROOT / "profiles/micro.yaml").read_text())
     params["tracking"]["log_artifacts"] = False

@@ -155,6 +155,42 @@ def test_local_backend_and_export_serve_the_same_stacked_model(stack, tmp_path):
         torch.testing.assert_close(merged(input_ids=IDS).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_local_backend_serves_base_first_and_stacked_side_by_side(stack):
+    """`adapters`: one batch, each row with its own model (the request's `model` names it, any other name is the
+    base): the logits of each row are those of that model alone, and greedy replies equal those of a backend
+    serving that one model merged."""
+    import asyncio
+
+    from baize.selfchat.backend import ChatRequest
+    from baize.selfchat.local_backend import LocalBackend
+
+    expected = {"base": _logits_with(stack["base"]), "v1.5": _logits_with(stack["base"], stack["first"]),
+                "v2": _logits_with(stack["base"], stack["first"], stack["v2"])}
+    adapters = {"v1.5": stack["first"], "v2": stack["v2"]}
+    with LocalBackend(stack["base"], adapters=adapters, dtype="float32", batch_size=6) as backend:
+        names = ["v2", "base", "v1.5"]
+        ids = IDS.expand(len(names), -1)
+        with torch.no_grad():
+            logits = backend.model(input_ids=ids, adapter_names=[backend._adapters.get(n, "__base__") for n in names]).logits
+        for row, name in enumerate(names):
+            torch.testing.assert_close(logits[row : row + 1], expected[name], atol=1e-4, rtol=1e-4)
+
+        def requests(model):
+            return [ChatRequest(messages=[], model=model, prompt=f"Question {i}?", temperature=0, max_tokens=6)
+                    for i in range(2)]
+
+        async def answer(b, rs):
+            return [c.text for c in await asyncio.gather(*(b.complete(r) for r in rs))]
+
+        together = asyncio.run(answer(backend, requests("v2") + requests("anything") + requests("v1.5")))
+    alone = []
+    for adapter, model in ((stack["v2"], "v2"), (None, "anything"), (stack["first"], "v1.5")):
+        with LocalBackend(stack["base"], adapter=adapter, dtype="float32", batch_size=2) as b:
+            alone += asyncio.run(answer(b, requests(model)))
+    assert together == alone
+    assert len(set(together)) > 1  # the models differ: the test would see a wrong routing
+
+
 def test_resume_from_a_checkpoint_keeps_both_adapters_active(stack):
     """The Trainer re-activates one adapter after loading a multi-adapter checkpoint; ours re-stacks them."""
     root = stack["root"]

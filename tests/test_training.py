@@ -80,7 +80,7 @@ def tiny_project(base_model_dir, tmp_path_factory) -> Path:
 
 
 def _write_params(project: Path, **train) -> None:
-    base = {"precision": "int8", "micro_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
+    base = {"precision": "int8", "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3,
             "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_steps": 4}
     base.update(train)
     params = {"tracking": {"experiment": "baize-test", "log_artifacts": True}, "train": base}
@@ -429,8 +429,7 @@ def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
     """`num_processes: 2` re-runs the stage under `accelerate launch` (gloo DDP); rank 0 alone writes outputs."""
     project = _fresh(tiny_project, tmp_path)
     # A token budget below every micro-batch: each rank runs chunks, and only its last chunk all-reduces.
-    _write_params(project, num_processes=2, max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1,
-                  max_batch_tokens=40)
+    _write_params(project, num_processes=2, max_steps=2, batch_size=4, micro_batch_size=2, max_batch_tokens=40)
     proc = _run_stage(project, timeout=220)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "accelerate.commands.launch --num_processes 2" in proc.stderr
@@ -438,6 +437,11 @@ def test_two_processes_ddp_on_cpu(tiny_project, tmp_path):
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 4 and metrics["steps"] == 2
     assert metrics["mixed_precision"] == hardware.resolve_mixed_precision("auto")
     assert f"--mixed_precision {metrics['mixed_precision']}" in proc.stderr
+    # The counters were reduced on the process group's device (gloo: the CPU; NCCL would be cuda:<rank>), and
+    # summed over both ranks: every label token of the two micro-batches per step.
+    run = json.loads((project / "reports/train/run.json").read_text())
+    assert run["device"].split(":")[0] == "cpu" and run["dtype"] == "int8"  # accelerate names it cpu:<rank>
+    assert metrics["trained_tokens"] > 0
     assert (project / "models/adapter/adapter_model.safetensors").is_file()
     _, runs = _stage_runs(project)
     assert len(runs) == 1

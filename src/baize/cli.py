@@ -40,9 +40,13 @@ QUIT = {"/quit", "/exit", ":q"}
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, 2))
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--max-context-tokens", default=2048, show_default=True, type=click.IntRange(min=64),
-              help="Prompt budget; the oldest turns are dropped beyond it.")
+              help="Context budget: prompt + reply (the prompt gets this minus --max-new-tokens); the oldest "
+                   "turns are dropped beyond it.")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible replies).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="auto: what the device computes natively (bf16 on GPUs that have it; see baize.hardware). The "
+                   "model runs on the GPU when there is one, whatever the dtype.")
 @click.option("--prompt-format", default="training", show_default=True, type=click.Choice(["training", "paper"]),
               help="training: the text the adapter learned (its chat template); paper: the Baize demo's system prompt.")
 @one_line_errors
@@ -52,6 +56,7 @@ def chat(base: Path, adapter: str, no_adapter: bool, max_new_tokens: int, temper
     from baize import inference
 
     click.echo(f"loading {base}" + ("" if no_adapter else f" + {adapter}") + " ...", err=True)
+    budget = inference.prompt_budget(max_context_tokens, max_new_tokens)  # the reply needs room too
     model, tokenizer = inference.load_model(base, None if no_adapter else adapter, dtype=dtype)
     click.echo("ready. /reset forgets the conversation, /quit or Ctrl-D leaves.", err=True)
     history: list[tuple[str, str]] = []
@@ -71,7 +76,7 @@ def chat(base: Path, adapter: str, no_adapter: bool, max_new_tokens: int, temper
             click.echo("(conversation cleared)")
             continue
         try:
-            prompt = inference.build_prompt(question, history, tokenizer, max_context_tokens, prompt_format)
+            prompt = inference.build_prompt(question, history, tokenizer, budget, prompt_format)
         except inference.PromptTooLongError as exc:
             click.echo(f"(input too long: {exc})")
             continue

@@ -342,10 +342,12 @@ class TrainParams(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
     )
+    batch_size: int = Field(4, ge=1)
+    """Effective batch: samples per optimizer step, over all processes (the paper: 64). Gradient accumulation is
+    derived, as in alpaca-lora: batch_size / (micro_batch_size x num_processes), which must be a whole number, so
+    changing the number of GPUs keeps the recipe's batch (see `gradient_accumulation_steps`)."""
     micro_batch_size: int = Field(4, ge=1)
-    """Samples per forward/backward pass per process."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Effective batch = micro_batch_size x gradient_accumulation_steps x num_processes (64 in the paper)."""
+    """Samples per forward/backward pass per process (bounded by memory: raise it on a large GPU)."""
     num_processes: int = Field(1, ge=1)
     """> 1: the stage re-runs itself under `accelerate launch` (DDP; gloo on CPU)."""
     accelerate_config: str | None = None
@@ -383,6 +385,23 @@ class TrainParams(Section):
     first: it bounds memory without recomputing."""
     seed: int = 42
 
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainParams":
+        self.gradient_accumulation_steps(self.num_processes)
+        return self
+
+    def gradient_accumulation_steps(self, num_processes: int | None = None) -> int:
+        """batch_size / (micro_batch_size x num_processes) (alpaca-lora's rule); a ValueError naming the keys
+        when it is not a whole number (a params error at validation, before any work)."""
+        processes = self.num_processes if num_processes is None else num_processes
+        per_step = self.micro_batch_size * processes
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size x num_processes "
+                f"({self.micro_batch_size} x {processes} = {per_step}): gradient accumulation = batch_size / that"
+            )
+        return self.batch_size // per_step
+
 
 class JudgeParams(Section):
     """`evaluate.judge`: the optional LLM judge (reference answer first, both scored 1-10)."""
@@ -414,27 +433,37 @@ class EvaluateParams(Section):
     """Baize's demo samples with temperature 1 and top-p 0.95; 0 means greedy."""
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
-    """Prompts generated together."""
+    """Answers generated together (local: rows of every model in one batch, e.g. 4 models x 16 prompts = 64)."""
     engine: Literal["local", "generate"] = "local"
-    """local: the self-chat engine's local backend (continuous batching, adapters merged; a reply that ends frees
-    its row); generate: transformers' `model.generate`, `batch_size` prompts at a time, every row decoded until the
+    """local: the self-chat engine's local backend (continuous batching; base, v1.5 and v2 in one batch, each row
+    with its own LoRA; a reply that ends frees its row); generate: transformers' `model.generate`, `batch_size` prompts at a time, every row decoded until the
     longest ends."""
     seed: int = 42
     """Sampling seed: the same for every model (local: prompt i uses seed + i; generate: batch i uses seed + i)."""
     max_context_tokens: int = Field(2048, ge=64)
-    """Prompt budget; older turns are dropped beyond it (the Baize demo's default)."""
+    """Context budget of prompt + answer (the Baize demo's 2048): a prompt gets max_context_tokens - max_new_tokens,
+    older turns are dropped beyond it."""
     prompt_format: Literal["training", "paper"] = "training"
     """training: the text the adapter was trained on (its chat template); paper: the Baize demo's long system
     prompt, which the adapter never saw (more role leaks after a first answer; `baize.inference`)."""
     ppl_batch_size: int = Field(4, ge=1)
     max_ppl_samples: int | None = Field(None, ge=1)
     """Validation transcripts used for perplexity; null: all."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of perplexity and generation (and the local judge); `auto`: what the device computes natively
+    (bf16 on GPUs that have it, see `baize.hardware`). The model runs on the GPU when there is one."""
     judge: JudgeParams = Field(default_factory=JudgeParams)
     lm_eval_tasks: list[str] = Field(default_factory=list)
     """lm-evaluation-harness task names (needs `pip install lm-eval` and the task data); empty: skipped."""
     lm_eval_limit: int | None = Field(20, ge=1)
     """Examples per lm-eval task; null: all."""
+
+    @model_validator(mode="after")
+    def _answer_fits(self) -> "EvaluateParams":
+        if self.max_new_tokens >= self.max_context_tokens:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be smaller than max_context_tokens "
+                             f"({self.max_context_tokens}): the prompt and the answer share the context")
+        return self
 
 
 class SdfSampleParams(Section):
@@ -466,6 +495,7 @@ class SdfSampleParams(Section):
     max_tokens: int = Field(192, ge=1)
     """Per answer; an answer cut here is kept (the judge sees it) but trained without its stop marker."""
     max_context_tokens: int = Field(2048, ge=64)
+    """Context budget of prompt + answer: a prompt gets max_context_tokens - max_tokens."""
     batch_size: int = Field(16, ge=1)
     """local backend: sequences decoded together."""
     local_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -560,6 +590,8 @@ def format_error(file: str, section: str, exc: ValidationError) -> str:
         return f"{file}: unknown key {key!r}{allowed}"
     if err["type"] == "missing":
         return f"{file}: missing key {key!r}"
+    if err["type"] == "value_error" and not err["loc"]:  # a rule across keys: the message names them
+        return f"{file}: {section}: {err['msg'].removeprefix('Value error, ')}"
     return f"{file}: {key} = {err['input']!r}: {err['msg']}"
 
 

@@ -252,7 +252,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[dict[str, Any]], *, whi
                      chat_tokenizer: Any = None) -> dict[str, list[inference.Generation]]:
     """Answers of each variant (`variant`), same prompts, same seeds: Baize's inference prompt (`prompt_format`),
     except `base_chat`, which is asked through `chat_tokenizer`'s own chat template (the base model's)."""
-    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens, prompt_format) for p in prompts]
+    budget = inference.prompt_budget(max_context_tokens, max_new_tokens)  # room left for the answer
+    texts = [inference.build_prompt(p["text"], (), tokenizer, budget, prompt_format) for p in prompts]
     out = {}
     for name in which:
         prompts_of = texts
@@ -277,7 +278,8 @@ def generate_answers_served(model_dir: Path, adapters: dict[str, Path | None], t
     one ends; at 512 new tokens and answers of ~150, most of its steps were padding).
 
     `adapters` maps a model name to the adapter folder that serves it (None: the base; `base_chat` is the base).
-    The models that share weights (`base`, `base_chat`) share one batch. Every model gets the same requests, whose
+    All models answer in one batch: the engine serves every adapter unmerged beside the base, each row with its own
+    (a decode step for 64 rows costs far less than four steps of 16). Every model gets the same requests, whose
     sampling generator is seeded from the request (prompt, sampling, `seed` + the prompt's index): the same prompt
     draws the same random stream whichever model answers it.
     """
@@ -286,38 +288,37 @@ def generate_answers_served(model_dir: Path, adapters: dict[str, Path | None], t
     from baize.selfchat.backend import ChatRequest
     from baize.selfchat.local_backend import LocalBackend
 
-    texts = [inference.build_prompt(p["text"], (), tokenizer, max_context_tokens, prompt_format) for p in prompts]
+    budget = inference.prompt_budget(max_context_tokens, max_new_tokens)  # room left for the answer
+    texts = [inference.build_prompt(p["text"], (), tokenizer, budget, prompt_format) for p in prompts]
     chat_texts = None
     if "base_chat" in which:
         chat_texts = [chat_tokenizer.apply_chat_template([{"role": "user", "content": p["text"]}], tokenize=False,
                                                          add_generation_prompt=True) for p in prompts]
 
-    def requests(of: Sequence[str]) -> list[ChatRequest]:
-        return [ChatRequest(messages=[], model="eval", prompt=text, temperature=temperature, top_p=top_p,
+    def requests(name: str) -> list[ChatRequest]:
+        served = name if adapters.get(name) is not None else "base"  # the request's model picks its adapter
+        return [ChatRequest(messages=[], model=served, prompt=text, temperature=temperature, top_p=top_p,
                             max_tokens=max_new_tokens, stop=list(inference.STOP_STRINGS), seed=seed + i)
-                for i, text in enumerate(of)]
+                for i, text in enumerate(chat_texts if name == "base_chat" else texts)]
 
-    groups: dict[Path | None, list[str]] = {}
-    for name in which:
-        groups.setdefault(None if name == "base_chat" else adapters.get(name), []).append(name)
+    served = {name: adapters[name] for name in which if adapters.get(name) is not None}
+    batch = [(name, r) for name in which for r in requests(name)]
+    with LocalBackend(model_dir, adapters=served or None, batch_size=batch_size, dtype=dtype, seed=seed) as backend:
+        async def run(requests: list[ChatRequest]):
+            async def one(request):
+                reply = await backend.complete(request)
+                if progress is not None:
+                    progress(1)
+                return reply
+            return await asyncio.gather(*(one(r) for r in requests))
+
+        replies = asyncio.run(run([r for _, r in batch]))
     out: dict[str, list[inference.Generation]] = {}
-    for adapter_dir, names in groups.items():
-        with LocalBackend(model_dir, adapter=adapter_dir, batch_size=batch_size, dtype=dtype, seed=seed) as backend:
-            async def run(batch: list[ChatRequest]):
-                async def one(request):
-                    reply = await backend.complete(request)
-                    if progress is not None:
-                        progress(1)
-                    return reply
-                return await asyncio.gather(*(one(r) for r in batch))
-
-            batch = [(name, r) for name in names for r in requests(chat_texts if name == "base_chat" else texts)]
-            replies = asyncio.run(run([r for _, r in batch]))
-        for (name, _), reply in zip(batch, replies, strict=True):
-            text = reply.text.strip()
-            reason = "length" if reply.finish_reason == "length" else ("stop" if reply.stop_string else "eos")
-            out.setdefault(name, []).append(inference.Generation(
-                text, reason, reply.stop_string, inference.count_tokens(tokenizer, text) if text else 0, reply.text))
+    for (name, _), reply in zip(batch, replies, strict=True):
+        text = reply.text.strip()
+        reason = "length" if reply.finish_reason == "length" else ("stop" if reply.stop_string else "eos")
+        out.setdefault(name, []).append(inference.Generation(
+            text, reason, reply.stop_string, inference.count_tokens(tokenizer, text) if text else 0, reply.text))
     return {name: out[name] for name in which}
 
 
@@ -384,7 +385,12 @@ def run_lm_eval(base: Path, adapter: Path | None, tasks: Sequence[str], limit: i
         raise BaizeError(
             "evaluate.lm_eval_tasks is set but lm-evaluation-harness is not installed (pip install lm-eval)"
         ) from None
-    kwargs = {"pretrained": str(base), "batch_size": batch_size, "trust_remote_code": False}
+    from baize import hardware
+
+    hardware.check_remote_code(base)
+    # On the device baize.hardware picks (the harness's own default is cuda, which fails on a CPU machine).
+    kwargs = {"pretrained": str(base), "batch_size": batch_size, "trust_remote_code": False,
+              "device": str(hardware.device())}
     if adapter is not None:
         kwargs["peft"] = str(adapter)
     try:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baize.errors import BaizeError
+from baize.errors import BaizeError, ParamsError
 from baize.formats import AI, HUMAN, PREAMBLE
 
 BAIZE_SYSTEM_PROMPT = (
@@ -74,6 +74,16 @@ def format_turn(question: str, answer: str | None = None, prompt_format: str = "
         raise BaizeError(f"prompt format {prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
     # No space after the last [|AI|]: in the training text the space is part of the answer's first token.
     return f"{HUMAN} {question}\n{AI}" + (f" {answer}\n" if answer is not None else "")
+
+
+def prompt_budget(max_context_tokens: int, max_new_tokens: int) -> int:
+    """Tokens the prompt may take: the context minus the room the answer needs (a 2,048-position model asked for
+    512 new tokens takes prompts of at most 1,536). `ParamsError` when nothing is left for the prompt."""
+    budget = max_context_tokens - max_new_tokens
+    if budget < 1:
+        raise ParamsError(f"max_context_tokens ({max_context_tokens}) must be larger than the new tokens asked for "
+                          f"({max_new_tokens}): the prompt and the answer share the context")
+    return budget
 
 
 def build_prompt(
@@ -145,12 +155,6 @@ def clean_reply(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def check_adapter_dir(path: Path) -> Path:
@@ -273,6 +277,9 @@ def adapter_sha256(adapter_dir: Path) -> str:
 def load_model(base: str | Path, adapter: str | Path | None = None, dtype: str = "float32"):
     """(model, tokenizer): the base in `dtype` (safetensors only, no remote code), with the adapter on top if given.
 
+    On the device `baize.hardware` picks (a GPU when there is one; `dtype` `auto`: the one that suits it), loaded
+    straight onto it (several GPUs through `device_map="auto"` when it does not fit one).
+
     With an adapter the model is a `PeftModel`: `with model.disable_adapter():` gives the base model back
     without loading it twice (the evaluation compares both in one run this way). A stacked (SDF, Baize v2)
     adapter folder loads both of its LoRAs, both active (see `attach_adapter`).
@@ -282,9 +289,12 @@ def load_model(base: str | Path, adapter: str | Path | None = None, dtype: str =
     base = Path(base)
     if not (base / "config.json").is_file():
         raise BaizeError(f"{base}: no config.json (expected a Hugging Face model folder, e.g. models/base)")
+    from baize import hardware  # (torch: imported once a model is needed, not by every `baize` command)
+
     adapter_dir = resolve_adapter(adapter) if adapter is not None else None
+    hardware.check_remote_code(base)
     model = AutoModelForCausalLM.from_pretrained(
-        str(base), dtype=_torch_dtype(dtype), use_safetensors=True, trust_remote_code=False
+        str(base), use_safetensors=True, trust_remote_code=False, **hardware.placement(dtype, base).load_kwargs()
     )
     if adapter_dir is not None:
         model = attach_adapter(model, adapter_dir)
@@ -344,12 +354,14 @@ def generate(
     import torch
     from transformers import set_seed
 
+    from baize import hardware
+
     tokenizer.padding_side = "left"  # decoder-only batching: the prompt must end where generation starts
     eos = _eos_ids(model, tokenizer)
     out: list[Generation] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = list(prompts[start : start + batch_size])
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        enc = tokenizer(batch, return_tensors="pt", padding=True).to(hardware.input_device(model))
         set_seed(seed + b)
         with torch.no_grad():
             ids = model.generate(
@@ -391,7 +403,9 @@ def stream_reply(
     import torch
     from transformers import TextIteratorStreamer, set_seed
 
-    enc = tokenizer(prompt, return_tensors="pt")
+    from baize import hardware
+
+    enc = tokenizer(prompt, return_tensors="pt").to(hardware.input_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     if seed is not None:
         set_seed(seed)

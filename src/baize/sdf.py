@@ -83,7 +83,8 @@ def sample_requests(prompts: Sequence[dict[str, Any]], params: SdfSampleParams, 
     Baize's sampling and stop strings; sample i gets its own seed, so the N requests of a prompt differ."""
     out = []
     for p in prompts:
-        text = inference.build_prompt(p["text"], (), tokenizer, params.max_context_tokens)
+        budget = inference.prompt_budget(params.max_context_tokens, params.max_tokens)  # the answer's room kept
+        text = inference.build_prompt(p["text"], (), tokenizer, budget)
         for i in range(params.num_samples):
             request = ChatRequest(
                 messages=[],

@@ -55,7 +55,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from baize.base_model import clean_tokenizer_config
 from baize.config import TrainParams
-from baize.errors import BaizeError, InputError
+from baize import hardware
+from baize.errors import BaizeError, InputError, ParamsError
 from baize.hardware import resolve_mixed_precision
 from baize.transcript import atomic_write_text
 from baize.inference import STACK_NAME  # the frozen first LoRA of a stack: its adapter name and subfolder
@@ -150,13 +151,6 @@ class PadCollator:
 # --------------------------------------------------------------------------- model
 
 
-def _local_device_map():
-    # bitsandbytes wants the int8 weights placed at load time; one device per process under DDP.
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return None
-
-
 def _upcast_output(module, args, output):
     return output.float()
 
@@ -176,11 +170,12 @@ def load_base_model(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise InputError(model_dir, None, "no config.json: not a Hugging Face model folder (run the base_model stage)")
+    hardware.check_remote_code(model_dir)
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if precision == "int8":
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32)
-        kwargs["device_map"] = _local_device_map()
-    else:
+        kwargs["device_map"] = hardware.int8_device_map()
+    else:  # placed by the Trainer (accelerate) on this process's device
         kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -412,14 +407,28 @@ class MlflowSteps(TrainerCallback):
             self.logged_steps.add(state.global_step)
 
 
+def world_size() -> int:
+    """Processes of this run: set by `accelerate launch` / torchrun, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation_steps(params: TrainParams, processes: int | None = None) -> int:
+    """Gradient accumulation for `train.batch_size` with the processes actually running (alpaca-lora's
+    batch_size // micro_batch_size // world_size); `ParamsError` when they do not divide."""
+    try:
+        return params.gradient_accumulation_steps(world_size() if processes is None else processes)
+    except ValueError as exc:
+        raise ParamsError(f"params.yaml: train: {exc}") from None
+
+
 def training_arguments(params: TrainParams, run_dir: Path, has_eval: bool) -> TrainingArguments:
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = hardware.device_type() == "cpu"
     mixed = resolve_mixed_precision(params.mixed_precision)
     return TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=params.micro_batch_size,
         per_device_eval_batch_size=params.micro_batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_steps(params),
         num_train_epochs=params.num_epochs,
         max_steps=params.max_steps,
         learning_rate=params.learning_rate,
@@ -446,7 +455,7 @@ def training_arguments(params: TrainParams, run_dir: Path, has_eval: bool) -> Tr
         bf16=mixed == "bf16",  # autocast (on the CPU too); the Trainer keeps adapters and optimizer in fp32
         fp16=mixed == "fp16",
         ddp_find_unused_parameters=False,
-        ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend="gloo" if on_cpu and world_size() > 1 else None,
         dataloader_num_workers=0,
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
@@ -718,8 +727,7 @@ def train(
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_eval = _final_eval(trainer) if val_ds is not None else {}
 
-    trained = trainer.accelerator.reduce(torch.tensor(trainer.trained_tokens, dtype=torch.long), reduction="sum")
-    trained_tokens = int(trained.item())
+    trained_tokens = reduce_sum(trainer.accelerator, trainer.trained_tokens)
     runtime = float(out.metrics.get("train_runtime") or 0.0)
     rows = step_rows(trainer.state.log_history)
     losses = [r["loss"] for r in rows if r["loss"] != ""]
@@ -745,11 +753,14 @@ def train(
         "resumed_from_step": _checkpoint_step(resume) if resume else 0,
         "num_processes": int(trainer.accelerator.num_processes),
         "effective_batch_size": params.micro_batch_size
-        * params.gradient_accumulation_steps
+        * trainer.args.gradient_accumulation_steps
         * int(trainer.accelerator.num_processes),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "weights_footprint_mb": model.get_memory_footprint() / 2**20,
         "mixed_precision": mixed,
+        # Machine-dependent (run.json and MLflow tags, not the DVC-tracked report): where it ran, the base's dtype.
+        "device": str(trainer.accelerator.device),
+        "dtype": {"int8": "int8", "bf16": "bfloat16", "fp32": "float32"}[params.precision],
     }
     return TrainResult(
         metrics=metrics,
@@ -765,6 +776,14 @@ def train(
 
 
 BASE_EVAL_FILE = "base_eval.json"
+
+
+def reduce_sum(accelerator, count: int) -> int:
+    """The sum of a per-process counter over all processes. The tensor is made on the process group's device
+    (`accelerator.device`): NCCL cannot reduce a CPU tensor (a multi-GPU run crashed here, after its epoch and
+    before saving the adapter, and again on every resume)."""
+    mine = torch.tensor(count, dtype=torch.long, device=accelerator.device)
+    return int(accelerator.reduce(mine, reduction="sum").item())
 
 
 def _checkpoint_step(checkpoint: Path) -> int:

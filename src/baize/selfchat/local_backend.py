@@ -24,7 +24,10 @@ nothing but masked-out zeros: greedy output equals one-at-a-time `model.generate
 Beyond chat messages: a request with `prompt` is a raw text prompt (no chat template: the Baize inference prompt),
 and one with `choices` is decoded under a constraint: at each step only tokens that continue one of the allowed
 strings (as the tokenizer spells it) can be sampled, and the reply ends when one is complete. That is how a 135M
-judge always returns a parseable score. With `adapter`, the backend serves base + LoRA (a stacked SDF folder too).
+judge always returns a parseable score. With `adapter`, the backend serves base + LoRA (a stacked SDF folder too),
+merged into the weights. With `adapters` it serves several models over one base in the same batch, as vLLM serves
+LoRAs: a request whose `model` names an adapter gets it, any other gets the base (the LoRAs stay unmerged and each
+row's own is applied, PEFT's mixed-adapter batches), so the evaluation answers with base, v1.5 and v2 in one batch.
 """
 
 from __future__ import annotations
@@ -45,19 +48,18 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from baize.errors import BaizeError, ParamsError
-from baize.hardware import cpu_has_native_bf16
+from baize import hardware
 from baize.selfchat.backend import BackendError, ChatRequest, Completion
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(dtype: str) -> str:
-    """`auto`: bfloat16 on CPUs with native bf16 matmuls, else float32; other names are checked and kept."""
+    """`auto`: what this machine computes natively (`baize.hardware.resolve_dtype`: bf16 on GPUs that have it,
+    on the CPU bfloat16 only with native bf16 matmuls, else float32); other names are checked and kept."""
     if dtype not in (*DTYPES, "auto"):
         raise ParamsError(f"local backend dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    if dtype == "auto":
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
-    return dtype
+    return hardware.resolve_dtype(dtype)
 
 
 def model_identity(model_dir: str | Path, dtype: str) -> str:
@@ -122,6 +124,7 @@ class _Job:
     node: dict | None = None  # `choices` requests: the trie node of the tokens so far ({} = a whole choice)
     top_logprobs: int = 0  # > 0: keep the k most likely tokens of each step (after the constraint) in `logprobs`
     logprobs: list[dict[str, float]] = field(default_factory=list)
+    adapter: str = "__base__"  # the PEFT adapter of this row (with `adapters`): "__base__" is the base model
     abandoned: bool = False  # the caller was cancelled: a running future cannot be, so the worker drops the row
 
     def gone(self) -> bool:
@@ -147,6 +150,8 @@ class LocalBackend:
     `adapter`: a LoRA adapter folder (plain or stacked) served on top of the base. It is merged into the weights
     in float32 (W = W0 + s B A per target module, then cast to `dtype`): numerically the same function as the
     unmerged base + LoRA in float32 (up to float rounding), without the LoRA matmuls at every decode step.
+    `adapters`: {model name: adapter folder} served unmerged side by side (see the module docstring); a stacked
+    folder becomes one LoRA of both ranks concatenated (PEFT's `cat` combination: exactly the sum of the two).
     """
 
     name = "local"
@@ -164,11 +169,15 @@ class LocalBackend:
         prefix_cache_tokens: int | None = None,
         prefix_cache_mb: float = 1024,
         adapter: str | Path | None = None,
+        adapters: dict[str, str | Path] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ParamsError(f"local backend batch_size: {batch_size} must be >= 1")
         self.dtype = dtype = resolve_dtype(dtype)
         model_dir = Path(model_dir)
+        # The device (and device_map for a model larger than one GPU) every tensor of the decode loop goes to.
+        self.placement = hardware.placement(dtype, model_dir)
+        self.device = self.placement.input_device
         if not (model_dir / "config.json").is_file():
             raise BaizeError(
                 f"{model_dir}: no model folder with a config.json; materialize the base model first "
@@ -179,13 +188,15 @@ class LocalBackend:
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        hardware.check_remote_code(model_dir)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(
                 model_dir,
-                dtype=torch.float32 if adapter is not None else DTYPES[dtype],
+                dtype=torch.float32 if adapter is not None or adapters else DTYPES[dtype],
                 use_safetensors=True,
                 local_files_only=True,
+                device_map=self.placement.device_map,  # None on the CPU: loaded as before
             ).eval()
         except (OSError, ValueError) as exc:
             raise BaizeError(f"{model_dir}: cannot load the model: {str(exc).splitlines()[0]}") from exc
@@ -194,6 +205,11 @@ class LocalBackend:
 
             peft_model = attach_adapter(self.model, check_adapter_dir(Path(adapter)))
             self.model = peft_model.merge_and_unload().to(DTYPES[dtype]).eval()
+        self._adapters: dict[str, str] = {}  # request model name -> PEFT adapter name
+        if adapters:
+            if adapter is not None:
+                raise ParamsError("local backend: `adapter` (merged) and `adapters` (served by name) exclude each other")
+            self.model = self._attach_named(adapters).to(DTYPES[dtype]).eval()
         if not self.tokenizer.chat_template:
             raise BaizeError(f"{model_dir}: the tokenizer has no chat template; the local backend needs one")
 
@@ -223,6 +239,34 @@ class LocalBackend:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return 2 * config.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size()
+
+    def _attach_named(self, adapters: dict[str, str | Path]):
+        """The base as a PeftModel holding one LoRA per served name (PEFT names `a0`, `a1`, ...: a model name like
+        `v1.5` is no valid module key). A stacked folder's two LoRAs are concatenated into one."""
+        from peft import PeftModel
+
+        from baize.inference import check_adapter_dir, stacked_on
+
+        model = self.model
+        for index, (name, folder) in enumerate(adapters.items()):
+            folder = check_adapter_dir(Path(folder))
+            key = f"a{index}"
+            first = stacked_on(folder)
+            parts = [(folder, key if first is None else f"{key}_top")]
+            if first is not None:
+                parts.append((folder / first, f"{key}_first"))
+            for path, part in parts:
+                if isinstance(model, PeftModel):
+                    model.load_adapter(str(path), adapter_name=part, is_trainable=False)
+                else:
+                    model = PeftModel.from_pretrained(model, str(path), adapter_name=part, is_trainable=False)
+            if first is not None:
+                # rank r1 + r2, A = [s1 A1; s2 A2], B = [B1 B2], scaling 1: B A x = s1 B1 A1 x + s2 B2 A2 x.
+                model.add_weighted_adapter([f"{key}_first", f"{key}_top"], [1.0, 1.0], key, combination_type="cat")
+                model.delete_adapter(f"{key}_first")
+                model.delete_adapter(f"{key}_top")
+            self._adapters[name] = key
+        return model
 
     # ---- public API -------------------------------------------------------------------------------------------
 
@@ -311,7 +355,8 @@ class LocalBackend:
             if request.prompt is not None or request.choices is not None:
                 fields.append({"prompt": request.prompt, "choices": request.choices})
             payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
-            generator = torch.Generator().manual_seed(int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16))
+            seed = int(hashlib.sha256(payload.encode()).hexdigest()[:15], 16)
+            generator = torch.Generator(device=self.device).manual_seed(seed)  # where the logits are sampled
         return _Job(
             prompt_ids=prompt_ids,
             max_new=min(request.max_tokens, room),
@@ -322,6 +367,7 @@ class LocalBackend:
             future=concurrent.futures.Future(),
             node=self._choice_trie(request.choices) if request.choices is not None else None,
             top_logprobs=int(request.top_logprobs or 0),
+            adapter=self._adapters.get(request.model, "__base__"),
         )
 
     def _choice_trie(self, choices: list[str]) -> dict:
@@ -410,22 +456,23 @@ class LocalBackend:
         started = time.perf_counter()
         caches, masks, logits = [], [], []
         for job in group:
-            reused, prefix = self._prefixes.lookup(job.prompt_ids)
-            ids = torch.tensor([job.prompt_ids[reused:]], dtype=torch.long)
+            reused, prefix = self._prefixes.lookup(job.prompt_ids, job.adapter)  # KV depends on the adapter
+            ids = torch.tensor([job.prompt_ids[reused:]], dtype=torch.long, device=self.device)
             out = self.model(
                 input_ids=ids,
-                attention_mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long),
-                position_ids=torch.arange(reused, len(job.prompt_ids)).unsqueeze(0),
+                attention_mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(reused, len(job.prompt_ids), device=self.device).unsqueeze(0),
                 cache=prefix,
                 use_cache=True,
                 logits_to_keep=1,
+                **self._adapter_kwargs([job]),
             )
             self.stats.prefill_tokens += len(job.prompt_ids) - reused
             self.stats.reused_tokens += reused
-            self._prefixes.add(job.prompt_ids, out.cache)
+            self._prefixes.add(job.prompt_ids, out.cache, job.adapter)
             job.next_pos = len(job.prompt_ids)
             caches.append(out.cache)
-            masks.append(torch.ones((1, len(job.prompt_ids)), dtype=torch.long))
+            masks.append(torch.ones((1, len(job.prompt_ids)), dtype=torch.long, device=self.device))
             logits.append(out.logits[:, -1, :])
         if rows:
             caches.insert(0, state["cache"])
@@ -442,9 +489,10 @@ class LocalBackend:
         started = time.perf_counter()
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(rows)
-        ids = torch.tensor([[job.generated[-1]] for job in rows], dtype=torch.long)
-        positions = torch.tensor([[job.next_pos] for job in rows], dtype=torch.long)
-        state["mask"] = torch.cat([state["mask"], torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        ids = torch.tensor([[job.generated[-1]] for job in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[job.next_pos] for job in rows], dtype=torch.long, device=self.device)
+        ones = torch.ones((len(rows), 1), dtype=torch.long, device=self.device)
+        state["mask"] = torch.cat([state["mask"], ones], dim=1)
         out = self.model(
             input_ids=ids,
             attention_mask=state["mask"],
@@ -452,6 +500,7 @@ class LocalBackend:
             cache=state["cache"],
             use_cache=True,
             logits_to_keep=1,
+            **self._adapter_kwargs(rows),
         )
         state["cache"] = out.cache
         for job in rows:
@@ -459,9 +508,14 @@ class LocalBackend:
         self._advance(out.logits[:, -1, :], rows, state, only_from=0)
         self.stats.decode_s += time.perf_counter() - started
 
+    def _adapter_kwargs(self, jobs: list[_Job]) -> dict:
+        """PEFT's per-row adapters when several are served (each row's LoRA applies to its own sub-batch only)."""
+        return {"adapter_names": [job.adapter for job in jobs]} if self._adapters else {}
+
     def _advance(self, logits: torch.Tensor, rows: list[_Job], state: dict, only_from: int) -> None:
         """Sample one token for rows[only_from:], finish the ones that are done, and drop them from the batch."""
-        logits = _constrain(logits.float(), rows[only_from:])
+        # On the device of the generators (the first GPU when a model is spread over several).
+        logits = _constrain(logits.float().to(self.device), rows[only_from:])
         tokens = _sample(logits, rows[only_from:])
         for offset, job in enumerate(rows[only_from:]):
             if job.top_logprobs:  # of the model's distribution (temperature 1), over the allowed tokens
@@ -488,7 +542,7 @@ class LocalBackend:
             if not rows:
                 state.clear()
                 return
-            index = torch.tensor(keep, dtype=torch.long)
+            index = torch.tensor(keep, dtype=torch.long)  # a CPU index selects rows of tensors on any device
             state["cache"].batch_select_indices(index)
             state["mask"] = state["mask"][index]
             # Columns that are padding in every remaining row are dead weight for every later step.
@@ -550,14 +604,17 @@ class _PrefixStore:
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        # (adapter, prompt ids) -> per-layer KV: a prompt's KV under one adapter is not another's
+        self.entries: OrderedDict[tuple[str, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.tokens = 0
 
-    def lookup(self, ids: list[int]) -> tuple[int, DynamicCache | None]:
+    def lookup(self, ids: list[int], adapter: str = "__base__") -> tuple[int, DynamicCache | None]:
         """(tokens reused, a cache holding their KV) for the kept prompt sharing the longest prefix with `ids`."""
         best, best_key = 0, None
         for key in self.entries:
-            n = _common_prefix(key, ids)
+            if key[0] != adapter:
+                continue
+            n = _common_prefix(key[1], ids)
             if n > best:
                 best, best_key = n, key
         best = min(best, len(ids) - 1)  # at least one token must run, for its logits
@@ -567,19 +624,19 @@ class _PrefixStore:
         kv = self.entries[best_key]
         return best, DynamicCache(ddp_cache_data=[(k[:, :, :best], v[:, :, :best]) for k, v in kv])
 
-    def add(self, ids: list[int], cache) -> None:
+    def add(self, ids: list[int], cache, adapter: str = "__base__") -> None:
         if self.max_tokens <= 0 or len(ids) > self.max_tokens:
             return
         if any(type(layer) is not DynamicLayer for layer in cache.layers):  # sliding windows: KV is not a prefix
             return
-        key = tuple(ids)
+        key = (adapter, tuple(ids))
         if key in self.entries:
             self.entries.move_to_end(key)
             return
         self.entries[key] = [(layer.keys, layer.values) for layer in cache.layers]
-        self.tokens += len(key)
+        self.tokens += len(ids)
         while self.tokens > self.max_tokens:
-            old, _ = self.entries.popitem(last=False)
+            (_, old), _ = self.entries.popitem(last=False)
             self.tokens -= len(old)
 
 
@@ -677,7 +734,7 @@ def _constrain(logits: torch.Tensor, jobs: list[_Job]) -> torch.Tensor:
         return logits
     logits = logits.clone()
     for i in constrained:
-        allowed = torch.tensor(list(jobs[i].node), dtype=torch.long)
+        allowed = torch.tensor(list(jobs[i].node), dtype=torch.long, device=logits.device)
         row = torch.full_like(logits[i], float("-inf"))
         row[allowed] = logits[i, allowed]
         logits[i] = row
@@ -690,9 +747,9 @@ def _sample(logits: torch.Tensor, jobs: list[_Job]) -> list[int]:
     sampled = [i for i, job in enumerate(jobs) if job.generator is not None]
     if not sampled:
         return tokens
-    index = torch.tensor(sampled)
-    temps = torch.tensor([jobs[i].temperature for i in sampled]).unsqueeze(1)
-    top_p = torch.tensor([jobs[i].top_p for i in sampled]).unsqueeze(1)
+    index = torch.tensor(sampled, device=logits.device)
+    temps = torch.tensor([jobs[i].temperature for i in sampled], device=logits.device).unsqueeze(1)
+    top_p = torch.tensor([jobs[i].top_p for i in sampled], device=logits.device).unsqueeze(1)
     probs = (logits[index] / temps).softmax(dim=-1)
     # The nucleus (the smallest set of most likely tokens whose mass reaches top_p) nearly always lies within the
     # top few hundred of a 49k vocabulary: sorting only those (exact whenever their mass reaches top_p, else the
