@@ -115,33 +115,63 @@ def _interpolate(text: str) -> str:
     return re.sub(r"\$\{([^}]+)\}", value, text)
 
 
-def pipeline_id() -> str:
-    """An id shared by the stages of one `dvc repro`/`dvc exp run`, to group their runs.
+def _pipeline_origin() -> tuple[str, float]:
+    """(id, start time in epoch seconds) of the `dvc repro`/`dvc exp run` that runs this stage.
 
-    `BAIZE_PIPELINE_ID` wins; otherwise the id of the nearest `dvc` ancestor process (pid + start time),
-    which every stage of one invocation has in common; a stage run by hand gets an id of its own.
+    `BAIZE_PIPELINE_ID` wins (started: this stage); otherwise the nearest `dvc` ancestor process (pid + start
+    time), which every stage of one invocation has in common; a stage run by hand is a pipeline of its own.
     """
-    explicit = os.environ.get("BAIZE_PIPELINE_ID")
-    if explicit:
-        return explicit
     import psutil
 
     proc = psutil.Process()
+    explicit = os.environ.get("BAIZE_PIPELINE_ID")
+    if explicit:
+        return explicit, proc.create_time()
     for parent in proc.parents():
         try:
             cmd = " ".join(parent.cmdline()[:3])
         except psutil.Error:
             continue
         if "dvc" in os.path.basename(cmd.split(" ")[0]) or " -m dvc" in cmd or "/dvc " in f"{cmd} ":
-            seed = f"{parent.pid}:{parent.create_time()}"
+            origin = parent
             break
     else:
-        seed = f"{proc.pid}:{proc.create_time()}"
-    return hashlib.sha256(seed.encode()).hexdigest()[:16]
+        origin = proc
+    seed = f"{origin.pid}:{origin.create_time()}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:16], origin.create_time()
+
+
+def pipeline_id() -> str:
+    """An id shared by the stages of one `dvc repro`/`dvc exp run`, to group their runs (see `_pipeline_origin`)."""
+    return _pipeline_origin()[0]
+
+
+def stage_started_ms() -> int:
+    """When this stage's process started (epoch ms): its MLflow run covers the imports, the model loading and
+    the work, also in stages that open the run only to log their results."""
+    import psutil
+
+    return int(psutil.Process().create_time() * 1000)
+
+
+def params_digest() -> str:
+    """7 hex digits of all of params.yaml (parsed, key order ignored): runs of the same params share it."""
+    try:
+        data = yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return "nopar"
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:7]
+
+
+def experiment_label() -> str:
+    """What tells two pipeline executions apart in MLflow's run names: the DVC experiment's name (`dvc exp run`
+    sets DVC_EXP_NAME, also for the names it makes up), else `params <digest of params.yaml>`."""
+    return os.environ.get("DVC_EXP_NAME") or f"params {params_digest()}"
 
 
 def run_tags(stage: str) -> dict[str, str]:
-    tags = {"baize.stage": stage, **input_hashes(stage)}
+    tags = {"baize.stage": stage, **input_hashes(stage), "baize.params_digest": params_digest()}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -154,18 +184,29 @@ def run_tags(stage: str) -> dict[str, str]:
 def mlflow_run(
     stage: str, tracking_params: TrackingParams, params_sections: tuple[str, ...], *, system_metrics: bool = False
 ):
-    """The MLflow run of this stage, with its params sections, tags and the pipeline's parent run."""
+    """The MLflow run of this stage, with its params sections, tags and the pipeline's parent run.
+
+    Names: `<stage> · <label>` for the stage, `<label>` for the parent (`experiment_label`: the DVC experiment's
+    name, or the params digest), so that the compare view tells two experiments apart. The stage run starts when
+    the stage's process started, the parent when the `dvc` command did.
+    """
     root = project_root()
     params = {name: raw_section(name) for name in params_sections}
+    label = experiment_label()
+    pid, pipeline_started = _pipeline_origin()
     return tracking.stage_run(
         stage,
         experiment=tracking_params.experiment,
         tracking_uri=tracking.default_tracking_uri(root),
         params=params,
         tags=run_tags(stage),
-        pipeline_id=pipeline_id(),
+        pipeline_id=pid,
         artifact_root=root / "mlartifacts",
         system_metrics=system_metrics,
+        run_name=f"{stage} · {label}",
+        started_ms=stage_started_ms(),
+        pipeline_name=label if os.environ.get("DVC_EXP_NAME") else f"pipeline · {label}",
+        pipeline_started_ms=int(pipeline_started * 1000),
     )
 
 

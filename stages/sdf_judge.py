@@ -39,10 +39,14 @@ def make_backend(params, model_dir: Path):
 
 
 async def _judge(backend, journal_path: Path, items, **kwargs):
+    from baize import progress
+
+    bar = progress.bar(len(items), desc="sdf_judge", unit="answer")
     try:
         with Journal(journal_path) as journal:
-            return await judge.judge_answers(backend, journal, items, **kwargs)
+            return await judge.judge_answers(backend, journal, items, progress=lambda: bar.update(1), **kwargs)
     finally:
+        bar.close()
         close = getattr(backend, "aclose", None)
         if close is not None:
             await close()

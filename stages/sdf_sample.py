@@ -46,18 +46,14 @@ def make_backend(params, model_dir: Path, adapter_dir: Path):
 
 
 async def _sample(params, backend, journal_path: Path, requests):
-    done = 0
+    from baize import progress
 
-    def progress() -> None:
-        nonlocal done
-        done += 1
-        if done % max(1, len(requests) // 10) == 0 or done == len(requests):
-            click.echo(f"sdf_sample: {done}/{len(requests)} answers", err=True)
-
+    bar = progress.bar(len(requests), desc="sdf_sample", unit="answer")
     try:
         with Journal(journal_path) as journal:
-            return await sdf.sample_answers(backend, journal, requests, progress=progress)
+            return await sdf.sample_answers(backend, journal, requests, progress=lambda: bar.update(1))
     finally:
+        bar.close()
         close = getattr(backend, "aclose", None)
         if close is not None:
             await close()

@@ -2,7 +2,8 @@
 
     python -m stages.selfchat --seeds data/seeds/seeds.jsonl --model models/base --out data/selfchat
 
-Writes <out>/transcripts.jsonl and <out>/failures.jsonl (seed order), reports/selfchat/metrics.json, and one
+Writes <out>/transcripts.jsonl and <out>/failures/failures.jsonl (seed order; a folder with a README beside it,
+so that the output DVC saves is never empty when every seed succeeded), reports/selfchat/report.json, and one
 MLflow run. Replies are journaled in <out>/journal.jsonl (a `persist` out: DVC keeps it between runs), so a
 re-run after a crash or a budget stop pays for nothing twice.
 """
@@ -138,13 +139,29 @@ RUN_KEYS = ("new", "replies_from_journal", "requests", "retries", "errors_by_kin
             "local")
 
 
+FAILURES_README = """# Self-chat failures
+
+`failures.jsonl`: one JSON object per seed that ended without a transcript, in seed order:
+`{seed_id, seed, reason, detail}` (and `status` for a request the server refused). Empty when every seed became a
+transcript (`../transcripts.jsonl`). Written by the `selfchat` stage; this README keeps the DVC output from ever
+being an empty folder.
+"""
+
+
+def write_failures(folder: Path, failures: list[dict]) -> None:
+    """failures.jsonl (possibly empty) and its README in `folder`, the stage's DVC output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+    atomic_write_text(folder / "README.md", FAILURES_README)
+
+
 @click.command()
 @click.option("--seeds", "seeds_path", default="data/seeds/seeds.jsonl", show_default=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", default="models/base", show_default=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", default="data/selfchat", show_default=True, type=click.Path(path_type=Path))
 @click.option("--journal", "journal_path", default=None, type=click.Path(path_type=Path), help="default: <out>/journal.jsonl")
 @click.option("--metrics", "metrics_path", default="reports/selfchat/metrics.json", show_default=True, type=click.Path(path_type=Path))
-@click.option("--progress/--no-progress", default=None, help="progress bar (default: only on a terminal)")
+@click.option("--progress/--no-progress", default=None, help="progress (default: a bar on a terminal, a line every 10 s off it)")
 @_common.entrypoint
 def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | None, metrics_path: Path, progress) -> None:
     params, tracking = _common.load("selfchat", "tracking")
@@ -154,9 +171,7 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "transcripts.jsonl", result.transcripts)
-    atomic_write_text(
-        out_dir / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in result.failures)
-    )
+    write_failures(out_dir / "failures", result.failures)
     # What a re-run with the same inputs changes (time, the journal's share, retries) goes to run.json, untracked.
     report, journal_use = _common.split_keys(result.metrics, RUN_KEYS)
     device_tags: dict[str, str] = {}
@@ -178,7 +193,7 @@ def main(seeds_path: Path, model_dir: Path, out_dir: Path, journal_path: Path | 
         mlflow.set_tags({"baize.selfchat.backend": params.backend, "baize.selfchat.mode": params.mode, **device_tags})
         if tracking.log_artifacts:
             mlflow.log_artifact(str(out_dir / "transcripts.jsonl"))
-            mlflow.log_artifact(str(out_dir / "failures.jsonl"))
+            mlflow.log_artifact(str(out_dir / "failures" / "failures.jsonl"))
             for path in paths.values():
                 mlflow.log_artifact(str(path))
         run_id = mlrun.info.run_id

@@ -73,10 +73,12 @@ def _log_inputs(data_dir: Path, digests: dict[str, str]) -> None:
         if not digests.get(split):
             continue
         ds = load_from_disk(str(data_dir / split))
-        with warnings.catch_warnings():  # token ids are integers with no missing values: MLflow's hint is noise
+        # Token ids are integers with no missing values: MLflow's hint about integer columns is noise. log_input
+        # infers the schema again (and warns again), so both calls are inside.
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
             dataset = mlflow.data.from_huggingface(ds, name=f"tokenized-{split}", digest=digests[split][:16])
-        mlflow.log_input(dataset, context=context)
+            mlflow.log_input(dataset, context=context)
 
 
 # Wall-clock, throughput, memory and whether a crash was resumed: run.json (untracked) and MLflow, not dvc.lock.

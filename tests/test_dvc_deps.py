@@ -96,3 +96,13 @@ def test_the_import_reader_follows_function_level_and_from_imports():
     assert {"stages/train.py", "src/baize/training.py", "src/baize/hardware.py", "src/baize/config.py",
             "src/baize/inference.py"} <= files  # hardware via `from baize import hardware`; inference inside train()
     assert not any("site-packages" in f for f in files)
+
+
+def test_no_dependency_is_an_empty_file():
+    """DVC prints a yellow "'<path>' is empty." for an empty dependency or output file on every `dvc repro`."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    empty = sorted({
+        str(dep) for stage in spec.values() for dep in stage.get("deps", [])
+        if (ROOT / str(dep)).is_file() and (ROOT / str(dep)).stat().st_size == 0
+    })
+    assert not empty, f"empty dependency files: {empty}"

@@ -145,12 +145,17 @@ def test_heldout_prompts_are_first_human_turns(tiny, tokenizer):
 
 
 @pytest.mark.slow
-def test_adapter_perplexity_below_base_in_one_run(tiny, base_model_dir):
+def test_adapter_perplexity_below_base_in_one_run(tiny, base_model_dir, capsys):
     model, tok = inference.load_model(base_model_dir, tiny / "adapter")
     val = evaluation.load_split(tiny / "tokenized" / "val")
     rows = [val[i] for i in range(len(val))]
+    capsys.readouterr()
     res = evaluation.compare_perplexity(model, rows, batch_size=4, pad_token_id=tok.pad_token_id)
     assert res["adapter"] < res["base"]
+    # Each model's pass says so (off a terminal: plain lines, the last with every row done).
+    err = capsys.readouterr().err
+    for name in ("base", "adapter"):
+        assert f"evaluate: perplexity of {name}: 100%" in err and f"{len(rows)}/{len(rows)}" in err, err
     assert res["drop"] == pytest.approx(res["base"] - res["adapter"])
     # Only labelled tokens count: the AI turns and their end markers, not the human turns or the preamble.
     assert res["tokens"] == sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)

@@ -104,6 +104,9 @@ def test_every_stage_ran_and_is_locked(pipeline):
             assert json.loads((repo / path).read_text()), f"{stage}: {path} empty"
     status = _run(["dvc", "status", "--json"], repo, pipeline["env"])
     assert json.loads(status.stdout) == {}
+    # Outputs that may hold nothing (no failure, no reject) are folders with a file in them: no DVC warning.
+    empty = [line for line in (pipeline["repro"].stdout + pipeline["repro"].stderr).splitlines() if "is empty" in line]
+    assert not empty, sorted(set(empty))
 
 
 def test_base_model_folder_and_provenance(pipeline):
@@ -137,8 +140,15 @@ def test_one_mlflow_run_per_stage_grouped_and_tagged(pipeline):
     assert len(parents) == 1
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     locked_outs = {o["path"]: o["md5"] for entry in lock.values() for o in entry.get("outs", [])}
+    # The parent spans the pipeline: from the `dvc repro` command to the end of its last stage run.
+    [parent] = [client.get_run(p) for p in parents]
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("pipeline · params ")
+    assert parent.info.start_time <= min(r.info.start_time for r in runs)
+    assert parent.info.end_time >= max(r.info.end_time for r in runs)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     for stage, [run] in by_stage.items():
         assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"{stage} · {parent.info.run_name.removeprefix('pipeline · ')}"
         assert run.data.tags["mlflow.source.git.commit"] == commit
         for dep in lock[stage].get("deps", []):
             if dep["path"] in locked_outs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -93,7 +94,8 @@ def test_kill_9_mid_run_then_resume_loses_nothing_and_pays_nothing_twice(tmp_pat
     assert (tmp_path / "data/selfchat/transcripts.jsonl").read_bytes() == first
     ids = [json.loads(x)["seed_id"] for x in first.decode().splitlines()]
     assert ids == [f"seed{i:03d}" for i in range(20)]  # no duplicate, no missing seed, seed order
-    assert (tmp_path / "data/selfchat/failures.jsonl").read_text() == ""
+    assert (tmp_path / "data/selfchat/failures/failures.jsonl").read_text() == ""
+    assert (tmp_path / "data/selfchat/failures/README.md").stat().st_size  # the DVC output is never empty
     assert json.loads((tmp_path / "reports/selfchat/report.json").read_text())["transcripts"] == 20
     assert not (tmp_path / "reports/selfchat/metrics.json").exists()  # no headline: `dvc exp show` fits 120 columns
     # The journal's share depends on the runs before, not on the inputs: in the untracked run.json only.
@@ -112,7 +114,7 @@ def test_stage_outputs_metrics_and_mlflow_run_without_the_key(tmp_path):
         assert any(SENTINEL in h for h in stub.state.auth_headers)
     assert done.returncode == 0, done.stderr
     assert "5/6 transcripts" in done.stdout
-    failures = [json.loads(x) for x in (tmp_path / "data/selfchat/failures.jsonl").read_text().splitlines()]
+    failures = [json.loads(x) for x in (tmp_path / "data/selfchat/failures/failures.jsonl").read_text().splitlines()]
     assert [(f["seed_id"], f["reason"]) for f in failures] == [("seed003", "no_complete_pair")]
     metrics = json.loads((tmp_path / "reports/selfchat/report.json").read_text())
     assert metrics["transcripts"] == 5 and metrics["failures_by_reason"] == {"no_complete_pair": 1}
@@ -136,8 +138,10 @@ def test_401_stops_the_stage_with_one_line_and_no_key(tmp_path):
         done = stage(tmp_path)
         assert sum(stub.counts.values()) <= 4  # stopped at once, not one 401 per seed
     assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
+    # Off a terminal the seed bar prints plain lines (baize.progress): the error is the one other line, the last.
+    lines = [line for line in done.stderr.strip().splitlines() if not re.match(r"selfchat: +\d+%\|", line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "HTTP 401" in lines[0], done.stderr
+    assert done.stderr.strip().splitlines()[-1] == lines[0]
     assert not (tmp_path / "data/selfchat/transcripts.jsonl").exists()
     assert_no_secret(tmp_path, done.stdout, done.stderr)
 

@@ -110,3 +110,121 @@ def test_input_hashes_resolve_dvc_templating(tmp_path, monkeypatch):
         yaml.safe_dump({"schema": "2.0", "stages": {"s": {"outs": [{"path": "data/in.jsonl", "md5": "f00"}]}}})
     )
     assert _common.input_hashes("v") == {"dvc.dep.data/in.jsonl": "f00"}
+
+
+def _runs(uri, experiment="t"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("baize.kind") == "pipeline"]
+    stages = [r for r in runs if r.data.tags.get("baize.kind") == "stage"]
+    return client, exp, parents, stages
+
+
+def test_experiment_opens_in_the_model_training_view(mlflow_uri):
+    """MLflow 3's UI picks the experiment's view from `mlflow.experimentKind`: without it a new store opens on the
+    GenAI traces overview (or asks); an experiment made earlier gets the tag, a kind a user chose is kept."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    client.create_experiment("old")  # made before the tag existed
+    client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("t", "old", "chosen"):
+        with tracking.stage_run("seed", experiment=name, tracking_uri=mlflow_uri, params={}, tags={}):
+            pass
+    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind") for name in ("t", "old", "chosen")}
+    assert kinds == {"t": "custom_model_development", "old": "custom_model_development", "chosen": "genai_development"}
+
+
+def test_parent_run_spans_the_pipeline_and_stage_runs_time_the_work(mlflow_uri):
+    import time
+
+    now = int(time.time() * 1000)
+    pipeline_start = now - 60_000
+    for i, stage in enumerate(("seed", "selfchat")):
+        with tracking.stage_run(
+            stage, experiment="t", tracking_uri=mlflow_uri, params={}, tags={}, pipeline_id="pipe-1",
+            run_name=f"{stage} · exp-a", started_ms=now - 30_000 + i * 10_000,
+            pipeline_name="exp-a", pipeline_started_ms=pipeline_start,
+        ):
+            time.sleep(0.05)
+    _, _, [parent], stages = _runs(mlflow_uri)
+    by_name = {r.info.run_name: r for r in stages}
+    assert set(by_name) == {"seed · exp-a", "selfchat · exp-a"}
+    # A stage that opens its run after its work still shows the work's duration (the run starts with the stage).
+    assert by_name["seed · exp-a"].info.start_time == now - 30_000
+    assert by_name["selfchat · exp-a"].info.start_time == now - 20_000
+    assert parent.info.run_name == "exp-a"
+    assert parent.info.status == "FINISHED"
+    assert parent.info.start_time == pipeline_start
+    assert parent.info.end_time >= max(r.info.end_time for r in stages)
+    assert parent.info.end_time - parent.info.start_time >= 60_000
+
+
+def test_failed_stage_fails_the_parent_and_a_later_stage_keeps_it_failed(mlflow_uri):
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("train", experiment="t", tracking_uri=mlflow_uri, params={}, tags={}, pipeline_id="p"):
+            raise RuntimeError("boom")
+    _, _, [parent], _ = _runs(mlflow_uri)
+    assert parent.info.status == "FAILED"
+    with tracking.stage_run("evaluate", experiment="t", tracking_uri=mlflow_uri, params={}, tags={}, pipeline_id="p"):
+        pass
+    _, _, [parent], stages = _runs(mlflow_uri)
+    assert parent.info.status == "FAILED" and len(stages) == 2
+
+
+def test_a_killed_stage_leaves_the_parent_finished_up_to_its_start(tmp_path, mlflow_uri):
+    """kill -9 runs no handler: the parent must already be whole (not RUNNING forever) when the stage's run opens."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "from baize import tracking\n"
+        f"with tracking.stage_run('train', experiment='t', tracking_uri={mlflow_uri!r}, params={{}}, tags={{}},"
+        " pipeline_id='p'):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == -9, proc.stderr
+    _, _, [parent], [stage] = _runs(mlflow_uri)
+    assert stage.info.status == "RUNNING"  # MLflow's own record of a killed run
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time >= stage.info.start_time
+
+
+def _project(tmp_path, monkeypatch, params: str):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "params.yaml").write_text(params)
+    return tmp_path
+
+
+def test_run_names_tell_experiments_apart(tmp_path, monkeypatch, mlflow_uri):
+    from baize.config import TrackingParams
+
+    monkeypatch.setenv("BAIZE_PIPELINE_ID", "pipe-a")
+    monkeypatch.setenv("DVC_EXP_NAME", "raspy-aril")
+    _project(tmp_path, monkeypatch, "train:\n  lr: 1\n")
+    with _common.mlflow_run("train", TrackingParams(experiment="t"), ("train",)):
+        pass
+    monkeypatch.delenv("DVC_EXP_NAME")
+    for pid, lr in (("pipe-b", 2), ("pipe-c", 3)):
+        monkeypatch.setenv("BAIZE_PIPELINE_ID", pid)
+        (tmp_path / "params.yaml").write_text(f"train:\n  lr: {lr}\n")
+        with _common.mlflow_run("train", TrackingParams(experiment="t"), ("train",)):
+            pass
+    _, _, parents, stages = _runs(mlflow_uri)
+    names = sorted(r.info.run_name for r in stages)
+    assert "train · raspy-aril" in names
+    assert len(set(names)) == 3 and all(n.startswith("train · ") for n in names)
+    assert {p.info.run_name for p in parents} >= {"raspy-aril"}
+    assert len({p.info.run_name for p in parents}) == 3
+    exp_run = next(r for r in stages if r.info.run_name == "train · raspy-aril")
+    assert exp_run.data.tags["dvc.exp_name"] == "raspy-aril"
+    # The stage run starts when the stage's process did (pytest's here), not when the run was opened.
+    import psutil
+
+    assert exp_run.info.start_time == int(psutil.Process().create_time() * 1000)

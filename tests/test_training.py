@@ -278,6 +278,8 @@ def test_stage_writes_adapter_metrics_plots_and_one_mlflow_run(tiny_project, tmp
     # What a user sees: a step bar with the loss, not the Trainer's raw dicts, nor library deprecation noise.
     assert "train: 100%" in proc.stderr and "loss=" in proc.stderr, proc.stderr[-2000:]
     assert "{'loss'" not in proc.stdout + proc.stderr and "is_gradient_checkpointing" not in proc.stderr
+    assert "integer column" not in proc.stderr  # MLflow's schema hint about token ids (from_huggingface and log_input)
+    assert "train: val loss:" in proc.stderr  # the val passes (the base's loss first) say so too
 
     adapter = project / "models/adapter"
     names = {p.name for p in adapter.iterdir()}
@@ -501,3 +503,25 @@ def test_save_adapter_never_leaves_no_adapter(tmp_path, monkeypatch, exchange):
         assert survived == {"adapter.old": "v1", "adapter.tmp": "v2"}  # the old one, renamed aside
     save("v3")
     assert adapters() == {"adapter": "v3"} and sorted(p.name for p in out.parent.iterdir()) == ["adapter"]
+
+
+def test_logging_the_token_datasets_prints_no_integer_column_hint(tmp_path, mlflow_uri):
+    """mlflow.log_input infers the schema again: without the filter around it MLflow's hint is printed per split."""
+    import warnings
+
+    import mlflow
+    from datasets import Dataset
+
+    from stages.train import _log_inputs
+
+    for split in ("train", "val"):
+        Dataset.from_dict({"id": ["a", "b"], "input_ids": [[1, 2, 3], [4, 5]], "labels": [[1, 2, 3], [-100, 5]],
+                           "length": [3, 2]}).save_to_disk(
+            str(tmp_path / "data" / split))
+    mlflow.set_tracking_uri(mlflow_uri)
+    with warnings.catch_warnings(record=True) as caught, mlflow.start_run() as run:
+        warnings.simplefilter("always")
+        _log_inputs(tmp_path / "data", {"train": "a" * 64, "val": "b" * 64})
+    assert not [w for w in caught if "integer column" in str(w.message)]
+    logged = mlflow.MlflowClient(mlflow_uri).get_run(run.info.run_id).inputs.dataset_inputs
+    assert {d.dataset.name for d in logged} == {"tokenized-train", "tokenized-val"}

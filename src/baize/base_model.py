@@ -19,6 +19,8 @@ This module knows nothing about DVC or MLflow.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from baize import progress
 from baize.errors import BaizeError, ParamsError
 
 PACKAGED_PREFIX = "packaged:"
@@ -98,8 +101,11 @@ def materialize(
     revision: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    show_progress: bool | None = None,
 ) -> dict:
     """Write ``base`` to ``out_dir`` as a plain Hugging Face folder plus ``source.json``; return that dict.
+
+    ``show_progress``: a bar over the conversion's steps on stderr (None: `baize.progress`'s default; False: none).
 
     ``dtype`` is ``"auto"`` (keep the source's; float32 for GGUF so the dequantized weights are exact), ``"float32"``,
     ``"bfloat16"`` or ``"float16"``. ``revision`` applies to Hub ids only. ``trust_remote_code`` is passed on to
@@ -131,6 +137,7 @@ def materialize(
 
     def write(tmp: Path) -> dict:
         partial = writer(tmp)
+        _step("hash files")
         source = {
             "base": base,
             "kind": kind,
@@ -150,7 +157,56 @@ def materialize(
         (tmp / SOURCE_JSON).write_text(json.dumps(source, indent=2, sort_keys=False) + "\n", encoding="utf-8")
         return source
 
-    return _write_atomically(out_dir, write)
+    # Half a minute to minutes with nothing to show from transformers: a bar over the steps, the one under way named,
+    # the time ticking (baize.progress); transformers' own bars (per tensor, per shard) would only interleave with it.
+    global _step
+    with progress.phases("base_model", STEPS[kind], enabled=show_progress) as start, _quiet_transformers_bars():
+        _step = start
+        try:
+            return _write_atomically(out_dir, write)
+        finally:
+            _step = _no_step
+
+
+def _no_step(name: str) -> None:
+    return None
+
+
+_step: Callable[[str], None] = _no_step
+
+# What materialize shows, per kind of base (each loader names its steps as it starts them; "hash files" is last).
+STEPS = {
+    "packaged": ["read the tokenizer (GGUF)", "read and dequantize the weights (GGUF)", "write safetensors", "hash files"],
+    "gguf": ["read the tokenizer (GGUF)", "read and dequantize the weights (GGUF)", "write safetensors", "hash files"],
+    "local": ["copy or convert the weights", "hash files"],
+    "hub": ["load from the Hub or its cache", "write safetensors", "hash files"],
+}
+
+
+@contextlib.contextmanager
+def _quiet_transformers_bars():
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    # The GGUF reader's per-tensor bar is a plain tqdm that the switch above does not reach.
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - transformers without GGUF support
+        gguf_utils = None
+    plain = getattr(gguf_utils, "tqdm", None)
+    if plain is not None:
+        gguf_utils.tqdm = functools.partial(plain, disable=True)
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+        if plain is not None:
+            gguf_utils.tqdm = plain
 
 
 def packaged_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
@@ -238,7 +294,9 @@ def _from_gguf(path: Path, tmp: Path, dtype: str, trust_remote_code: bool, packa
     if gguf_config is not None:
         model_kwargs["quantization_config"] = gguf_config
     try:
+        _step("read the tokenizer (GGUF)")
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        _step("read and dequantize the weights (GGUF)")
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **model_kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, TypeError) as exc:
         reason = _first_line(exc)
@@ -249,6 +307,7 @@ def _from_gguf(path: Path, tmp: Path, dtype: str, trust_remote_code: bool, packa
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(max_positions, int) and (tokenizer.model_max_length or 0) > 1e12:
         tokenizer.model_max_length = max_positions
+    _step("write safetensors")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     clean_tokenizer_config(tmp)
@@ -288,6 +347,7 @@ def _from_local(folder: Path, tmp: Path, dtype: str, trust_remote_code: bool) ->
             f"use its full-precision version"
         )
 
+    _step("copy or convert the weights")
     source_dtype = _weights_dtype(weights)
     if dtype == "auto" or dtype == source_dtype:
         copied = ["config.json", "generation_config.json"] + [p.name for p in weights]
@@ -366,12 +426,14 @@ def _from_hub(repo_id: str, tmp: Path, revision: str | None, dtype: str, trust_r
     torch = _torch()
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
+        _step("load from the Hub or its cache")
         model = AutoModelForCausalLM.from_pretrained(repo_id, use_safetensors=True, dtype=torch_dtype, **common)
         tokenizer = AutoTokenizer.from_pretrained(repo_id, **common)
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(repo_id, revision, exc, local_only, unreachable) from None
 
     _drop_quantization(model)
+    _step("write safetensors")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     clean_tokenizer_config(tmp)

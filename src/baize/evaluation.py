@@ -53,17 +53,30 @@ def load_split(path: str | Path):
     return ds
 
 
-def perplexity(model, rows: Sequence[dict[str, Any]], *, batch_size: int = 4, pad_token_id: int = 0) -> dict:
+def perplexity(model, rows: Sequence[dict[str, Any]], *, batch_size: int = 4, pad_token_id: int = 0,
+               desc: str | None = None) -> dict:
     """Token-weighted mean negative log-likelihood over `labels != -100`, and its exp (the perplexity).
 
-    Rows are batched by length (less padding); padded positions get attention 0 and label -100.
+    Rows are batched by length (less padding); padded positions get attention 0 and label -100. With `desc`, a
+    progress bar over the rows on stderr (`baize.progress`).
     """
+    from baize import progress
+
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    device = next(model.parameters()).device
+    with contextlib.closing(progress.bar(len(rows), desc=desc or "", unit="row", enabled=None if desc else False)) as bar:
+        total_nll, total_tokens = _nll(model, rows, order, batch_size, pad_token_id, device, bar)
+    if total_tokens == 0:
+        raise BaizeError("the validation split has no trained tokens (every label is -100)")
+    nll = total_nll / total_tokens
+    return {"loss": nll, "perplexity": math.exp(nll), "tokens": total_tokens, "samples": len(rows)}
+
+
+def _nll(model, rows, order, batch_size: int, pad_token_id: int, device, bar) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     total_nll, total_tokens = 0.0, 0
-    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[start : start + batch_size]]
         width = max(len(r["input_ids"]) for r in batch)
@@ -85,10 +98,8 @@ def perplexity(model, rows: Sequence[dict[str, Any]], *, batch_size: int = 4, pa
             total_nll += F.cross_entropy(picked, targets[keep], reduction="sum").item()
             total_tokens += int(keep.sum())
         del logits
-    if total_tokens == 0:
-        raise BaizeError("the validation split has no trained tokens (every label is -100)")
-    nll = total_nll / total_tokens
-    return {"loss": nll, "perplexity": math.exp(nll), "tokens": total_tokens, "samples": len(rows)}
+        bar.update(len(batch))
+    return total_nll, total_tokens
 
 
 def base_model_context(model):
@@ -129,7 +140,8 @@ def perplexities(model, rows: Sequence[dict[str, Any]], names: Sequence[str], *,
     out = {}
     for name in names:
         with variant(model, name):
-            out[name] = perplexity(model, rows, batch_size=batch_size, pad_token_id=pad_token_id)
+            out[name] = perplexity(model, rows, batch_size=batch_size, pad_token_id=pad_token_id,
+                                   desc=f"evaluate: perplexity of {name}")
     return out
 
 

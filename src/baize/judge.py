@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from baize.errors import BaizeError
@@ -391,8 +391,10 @@ async def judge_answers(
     model: str,
     max_tokens: int,
     constraint: str | None,
+    progress: Callable[[], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score every item (`question`, `answer`) once; returns one judgment per item, in order, and counters.
+    `progress` is called once per item as it is scored (or fails).
 
     A judgment is `{"score", "rationale", "failure", "reply", "cached", "prompt_tokens", "completion_tokens"}`.
     A backend that gives up on one answer (retries exhausted, unusable reply) makes that answer a failure; one
@@ -410,6 +412,9 @@ async def judge_answers(
         except BackendError as exc:
             return {"score": None, "rationale": None, "failure": f"{exc.reason}: {exc}", "reply": None,
                     "cached": False, "prompt_tokens": 0, "completion_tokens": 0}
+        finally:
+            if progress is not None:
+                progress()
         stats["cached" if cached else "requests"] += 1
         parsed = parse_score(completion.text, completion.finish_reason)
         score = parsed.score

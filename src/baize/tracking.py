@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -96,15 +97,24 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses (or asks), and a store with no runs yet
+# opens on the GenAI traces overview; "custom_model_development" opens the runs table, the model-training view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        # An experiment made before this tag existed, or by hand: tagged once; a kind a user chose is kept.
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     # An absolute artifact location keeps artifacts at the project root even when a stage runs in a
     # `dvc exp run --temp` copy of the repo.
     location = artifact_root.resolve().as_uri() if artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another stage process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -112,8 +122,18 @@ def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
         return exp.experiment_id
 
 
-def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: Mapping[str, str]) -> str:
-    """The parent run shared by all stages of one pipeline execution, created by whichever stage runs first."""
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: Mapping[str, str], *,
+                     name: str | None = None, started_ms: int | None = None) -> str:
+    """The parent run shared by all stages of one pipeline execution, created by whichever stage runs first.
+
+    It starts when the pipeline started (`started_ms`: the `dvc repro`/`dvc exp run` process) and is never left
+    RUNNING: each stage run moves its end time to the stage's start and end (`_extend_parent`), so it spans the
+    stages run so far even after a stage was killed (-9) and no handler could run.
+    """
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' and tags.`{KIND_TAG}` = 'pipeline'",
@@ -125,11 +145,18 @@ def _pipeline_parent(client, experiment_id: str, pipeline_id: str, tags: Mapping
     parent_tags = {k: v for k, v in tags.items() if not k.startswith(("dvc.dep.", STAGE_TAG))}
     run = client.create_run(
         experiment_id,
-        run_name=f"pipeline {pipeline_id[:8]}",
+        start_time=started_ms,
+        run_name=name or f"pipeline {pipeline_id[:8]}",
         tags={**parent_tags, PIPELINE_TAG: pipeline_id, KIND_TAG: "pipeline"},
     )
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def _extend_parent(client, parent: str, *, failed: bool = False) -> None:
+    """End the parent run now (FAILED when a stage failed; a FAILED pipeline stays FAILED)."""
+    status = "FAILED" if failed or client.get_run(parent).info.status == "FAILED" else "FINISHED"
+    client.set_terminated(parent, status, end_time=_now_ms())
 
 
 @contextlib.contextmanager
@@ -143,40 +170,59 @@ def stage_run(
     pipeline_id: str | None = None,
     artifact_root: Path | None = None,
     system_metrics: bool = False,
+    run_name: str | None = None,
+    started_ms: int | None = None,
+    pipeline_name: str | None = None,
+    pipeline_started_ms: int | None = None,
 ) -> Iterator[Any]:
     """Start the MLflow run of one stage; yields the active `mlflow.ActiveRun`.
 
     The run gets the stage's params (flattened), the given tags, the stage name, and a parent run that
-    groups the stages of one pipeline execution (`pipeline_id`). A failing stage ends its run FAILED.
-    `system_metrics` samples CPU, memory (and GPU) usage during the run (for long stages like training).
+    groups the stages of one pipeline execution (`pipeline_id`, named `pipeline_name`, started at
+    `pipeline_started_ms`). A failing stage ends its run FAILED. `run_name` (default: the stage) names the run;
+    `started_ms` (epoch milliseconds, default now) is when the stage's work began, so that a stage that opens its
+    run only to log its results still shows its real duration. `system_metrics` samples CPU, memory (and GPU)
+    usage during the run (for long stages like training).
     """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.tracking.context.registry import resolve_tags
 
     # On a server the server decides where artifacts go (proxied: clients need no storage credentials).
     if is_server(tracking_uri):
         artifact_root = None
+    parent = None
+    client = None
+    failed = True
     try:
         mlflow.set_tracking_uri(tracking_uri)
         client = MlflowClient(tracking_uri)
         experiment_id = _experiment_id(client, experiment, artifact_root)
         all_tags = {**tags, STAGE_TAG: stage, KIND_TAG: "stage"}
-        parent = None
         if pipeline_id:
             all_tags[PIPELINE_TAG] = pipeline_id
-            parent = _pipeline_parent(client, experiment_id, pipeline_id, tags)
-        with mlflow.start_run(
-            experiment_id=experiment_id, run_name=stage, tags=all_tags, parent_run_id=parent,
-            log_system_metrics=system_metrics,
-        ) as run:
+            parent = _pipeline_parent(client, experiment_id, pipeline_id, tags, name=pipeline_name,
+                                      started_ms=pipeline_started_ms or started_ms)
+            all_tags["mlflow.parentRunId"] = parent
+        # Created here rather than by mlflow.start_run, which has no start time: the run starts with the stage.
+        created = client.create_run(experiment_id, start_time=started_ms, run_name=run_name or stage,
+                                    tags=resolve_tags(all_tags))
+        if parent is not None:
+            _extend_parent(client, parent)  # up to now already: a stage killed from here on runs no handler
+        with mlflow.start_run(run_id=created.info.run_id, log_system_metrics=system_metrics) as run:
             mlflow.log_params(flatten(params))
             yield run
+            failed = False
     except Exception as exc:
         # A server that refuses the user or went away mid-stage: one line instead of a traceback.
         err = explain(exc, tracking_uri)
         if err is None:
             raise
         raise err from None
+    finally:
+        if parent is not None:
+            with contextlib.suppress(Exception):  # the stage's own error (if any) is what the user must see
+                _extend_parent(client, parent, failed=failed)
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:

@@ -350,14 +350,28 @@ class BaizeTrainer(Trainer):
 class StepBar(TrainerCallback):
     """A tqdm bar over the optimizer steps with the last loss (and val loss) beside the rate and the ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str = "train") -> None:
         self.bar = None
+        self.eval_bar = None  # the val passes (before training: the base's loss; every eval_steps; at the end)
+        self.desc = desc
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.eval_bar is None:
+            from baize import progress
+
+            total = len(eval_dataloader) if hasattr(eval_dataloader, "__len__") else None
+            self.eval_bar = progress.bar(total, desc=f"{self.desc}: val loss", unit="batch", leave=False)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
+        from baize import progress  # a bar on a terminal, a line every 10 s off it (DVC queue logs, CI)
 
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = progress.bar(state.max_steps, initial=state.global_step, desc=self.desc, unit="step")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

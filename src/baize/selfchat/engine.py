@@ -382,8 +382,14 @@ class Engine:
     async def run(self, seeds: list[Seed]) -> RunResult:
         started = time.monotonic()
         results: list[Transcript | dict[str, Any] | None] = [None] * len(seeds)
-        bar = _progress(len(seeds), self.progress)
         done = {"transcripts": 0}
+
+        def postfix() -> str:
+            minutes = max(time.monotonic() - started, 1e-6) / 60
+            return (f"{done['transcripts'] / minutes:.1f} transcripts/min, {self.total.tokens} tok, "
+                    f"${self.total.cost_usd:.4f}")
+
+        bar = _progress(len(seeds), self.progress, postfix)
 
         if self.cfg.mode == "transcript" and hasattr(self.backend, "complete_many"):
             await self._run_batches(seeds)
@@ -403,14 +409,8 @@ class Engine:
                     return
                 if isinstance(results[i], Transcript):
                     done["transcripts"] += 1
-                if bar is not None:
-                    minutes = max(time.monotonic() - started, 1e-6) / 60
-                    bar.set_postfix_str(
-                        f"{done['transcripts'] / minutes:.1f} transcripts/min, "
-                        f"{self.total.tokens} tok, ${self.total.cost_usd:.4f}",
-                        refresh=False,
-                    )
-                    bar.update(1)
+                bar.set_postfix_str(postfix(), refresh=False)
+                bar.update(1)
 
         # No TaskGroup: an error in one worker must not cancel the requests in flight in the others (replies paid
         # for but not yet journaled would be lost): it stops the run, and the others finish what they started.
@@ -421,8 +421,7 @@ class Engine:
         try:
             await self.stopper.wait(tasks)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if self.stopper.stopping:
             raise self._stopped(sum(r is not None for r in results), len(seeds))
 
@@ -574,10 +573,10 @@ def _failure(seed: Seed, reason: str, detail: str, status: int | None = None) ->
     return failure
 
 
-def _progress(total: int, enabled: bool | None):
-    if enabled is False:
-        return None
-    from tqdm import tqdm
+def _progress(total: int, enabled: bool | None, postfix=None):
+    """Seeds done, with transcripts/min, tokens and cost so far (refreshed while a batch is under way), on a
+    terminal as a bar, off it as a line every 10 s (see baize.progress); `enabled=False`: none."""
+    from baize import progress
 
-    # disable=None: tqdm draws only on a terminal (DVC passes it through; tests and logs stay clean).
-    return tqdm(total=total, unit="seed", desc="selfchat", disable=None if enabled is None else False, mininterval=1.0)
+    return progress.bar(total, desc="selfchat", unit="seed", enabled=None if enabled is None else enabled,
+                        postfix=postfix)
