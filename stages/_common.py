@@ -296,7 +296,9 @@ def cpu_seconds() -> dict:
     import resource
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"cpu_s": round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)}
+    return {"cpu_s": round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1),
+            # the stage's memory high-water mark (ru_maxrss is in KiB on Linux)
+            "peak_rss_mb": round(max(own.ru_maxrss, children.ru_maxrss) / 1024)}
 
 
 def split_keys(metrics: dict, run_keys: tuple[str, ...]) -> tuple[dict, dict]:
