@@ -31,7 +31,9 @@ accumulation (same effective batch), a few optimizer steps each:
     by max_length can cut a transcript; padding-free gives the same no-padding rows without that.
     `use_liger_kernel`: Triton kernels, GPU only. `activation_offloading`: moves activations to the CPU, which on
     the CPU is where they already are. TRL's cast of the LoRA weights to bf16 on a quantized base (its QLoRA
-    recipe) is not an option: it always happens.
+    recipe) is not an option: it always happens. TRL warns that the chat template leaves the end-of-turn token
+    out of the loss: a false positive (it looks for an added special token; Baize's stop marker `[|Human|]` is
+    plain text inside the {% generation %} span, see tests/test_chat_template.py).
 
 Each variant runs in its own subprocess so its peak RSS (ru_maxrss) is its own. Throughput counts the real
 (non-padding) tokens of the samples that went through a training step, per second, over the steps after the
