@@ -24,7 +24,8 @@ reverse order):
   weights in the same dtype. It has no stop strings: human turns run on past `[AI]` to EOS or max_tokens. Its
   paged KV cache is sized for the workload (`cb_num_blocks`), as the `--continuous-batching` server's.
 - `transformers serve` and `transformers serve --continuous-batching`: the same folder behind `transformers
-  serve` (CPU, same dtype and threads), driven by the project's `openai` backend with the same concurrency.
+  serve` (CPU, same dtype and threads), driven by the project's `openai` backend with the same concurrency;
+  each server is started (and warmed up) for its own row and stopped after it.
 
 Useful tokens: the tokens of each reply up to its stop (the re-tokenized reply text plus the one token that ended
 it), counted the same way for every variant; tokens generated past a stop are waste, not throughput. The table
@@ -302,14 +303,13 @@ def main() -> None:
     blocks = cb_num_blocks(tok, requests, args.concurrency)
     adapter_name = "v1.5"
     try:
-        # the servers first, started from a process that has run nothing else yet
+        # Each server runs only for its own row (started, warmed up, then timed; stopped after): an idle
+        # `--continuous-batching` server keeps polling for work and took a core from every other row.
+        server_specs = {}
         if not args.no_serve:
-            servers["transformers serve"] = Server(model_dir, args.threads, cb=False, dtype=local.dtype)
+            server_specs["transformers serve"] = dict(cb=False)
             if not args.no_serve_cb:
-                servers["transformers serve --continuous-batching"] = Server(
-                    model_dir, args.threads, cb=True, dtype=local.dtype, cb_num_blocks=blocks)
-            for server in servers.values():  # warm-up: the model loads on the first request
-                run_served(server.base_url, model_dir, requests[1:2], 1)
+                server_specs["transformers serve --continuous-batching"] = dict(cb=True, cb_num_blocks=blocks)
         if not args.no_adapter:
             adapter_dir = args.adapter
             if not (adapter_dir / "adapter_config.json").is_file():
@@ -340,8 +340,9 @@ def main() -> None:
         if generate_batch_model is not None:
             variants[GENERATE_BATCH_ROW] = (
                 requests, lambda rs: run_generate_batch(generate_batch_model, tok, rs, args.concurrency, blocks))
-        for name, server in servers.items():
-            variants[name] = (requests, lambda rs, s=server: run_served(s.base_url, model_dir, rs, args.concurrency))
+        for name in server_specs:
+            variants[name] = (requests,
+                              lambda rs, n=name: run_served(servers[n].base_url, model_dir, rs, args.concurrency))
 
         totals = {name: [0, 0.0, 0] for name in variants}  # useful tokens, seconds, requests
         texts: dict[str, list[str]] = {}
@@ -349,6 +350,9 @@ def main() -> None:
             order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
             for name in order:
                 rs, fn = variants[name]
+                if name in server_specs:
+                    servers[name] = Server(model_dir, args.threads, dtype=local.dtype, **server_specs[name])
+                    run_served(servers[name].base_url, model_dir, requests[1:2], 1)  # warm-up: loads the model
                 load = os.getloadavg()[0]
                 started = time.perf_counter()
                 try:
@@ -359,6 +363,8 @@ def main() -> None:
                         print(f"{name} failed (server {'running' if code is None else f'exited, {code}'}); its log:\n"
                               f"{servers[name].tail()}", file=sys.stderr, flush=True)
                     raise
+                if name in servers:
+                    servers.pop(name).close()
                 seconds = time.perf_counter() - started
                 results = [cut(r, t, f) for r, (t, f) in zip(rs, results)]
                 useful = sum(useful_tokens(tok, r, t, f) for r, (t, f) in zip(rs, results))
