@@ -1,22 +1,36 @@
-"""Local self-chat backend throughput on the self-chat workload itself: useful tokens/s, three ways, one run.
+"""Local self-chat backend throughput on the self-chat workload itself: useful tokens/s, side by side, one run.
 
     .venv/bin/python benchmarks/selfchat_local.py [--model models/base] [--requests 32] [--concurrency 16]
-        [--max-tokens 128] [--baseline-sample 8] [--threads N] [--rounds 2] [--dtype auto] [--serve-cb]
+        [--max-tokens 128] [--baseline-sample 8] [--threads N] [--rounds 2] [--dtype auto]
+        [--adapter models/adapter] [--no-adapter] [--no-generate-batch] [--no-serve] [--no-serve-cb]
 
 Workload: real turn-by-turn self-chat requests (baize.selfchat.prompts) over the project's shipped seeds, half
 "write the next human turn" (the template + transcript so far, stop `[AI]`), half "answer as the assistant",
 with 0-2 earlier rounds (taken from released Baize transcripts in ../shared/fixtures when present), so prompt and
 answer lengths vary the way they do in a real run. Greedy decoding, so every variant should write the same text.
 
-Variants, run in the same process/machine, interleaved (round 2 runs them in reverse order):
+Variants, run in the same process/machine, same dtype and torch threads, interleaved (round 2 runs them in
+reverse order):
 - `local batched`: LocalBackend(batch_size=concurrency), `concurrency` requests in flight, as the engine runs it.
+- `local batched, base + LoRA unmerged`: the same engine serving an adapter by name,
+  LocalBackend(adapters={"v1.5": --adapter}), every request's `model` "v1.5" (PEFT mixed-adapter batches, the
+  LoRA matmuls at every step, as SDF sampling and evaluation run it); --adapter defaults to models/adapter, and
+  where there is none a random LoRA of the train stage's shape is built. Its text is another model's; its
+  rate against `local batched` is the adapter's cost (target: within 15%).
 - `one at a time`: plain `model.generate` per prompt (stop strings, EOS), on an evenly spread sample of the
   requests (a rate, so a sample suffices), with the same model object (same dtype).
-- `transformers serve`: the same folder behind `transformers serve` (CPU, same dtype and threads), driven by the
-  project's `openai` backend with the same concurrency; `--serve-cb` adds a row with its `--continuous-batching`.
+- `transformers generate_batch`: transformers' own continuous batching (`model.generate_batch`, its
+  ContinuousBatchingManager) on all the requests at once, at most `concurrency` per batch, its own copy of the
+  weights in the same dtype. It has no stop strings: human turns run on past `[AI]` to EOS or max_tokens. Its
+  paged KV cache is sized for the workload (`cb_num_blocks`), as the `--continuous-batching` server's.
+- `transformers serve` and `transformers serve --continuous-batching`: the same folder behind `transformers
+  serve` (CPU, same dtype and threads), driven by the project's `openai` backend with the same concurrency;
+  each server is started (and warmed up) for its own row and stopped after it.
 
 Useful tokens: the tokens of each reply up to its stop (the re-tokenized reply text plus the one token that ended
-it), counted the same way for every variant; tokens generated past a stop are waste, not throughput.
+it), counted the same way for every variant; tokens generated past a stop are waste, not throughput. The table
+has each variant's rate against one-at-a-time and `local batched`'s rate against it; the lines under it give the
+issue's targets.
 """
 
 from __future__ import annotations
@@ -46,6 +60,10 @@ FALLBACK_ROUNDS = [
     ("Can you explain the basics first?", "Sure. Start small, learn the key terms, and practise before you commit."),
     ("What mistakes should I avoid?", "Rushing, skipping the fundamentals, and relying on a single source."),
 ]
+
+
+ADAPTER_ROW = "local batched, base + LoRA unmerged (adapters=)"
+GENERATE_BATCH_ROW = "transformers generate_batch"
 
 
 def workload(n: int, max_tokens: int) -> list[ChatRequest]:
@@ -104,6 +122,66 @@ def run_local(backend, requests, concurrency):
     return asyncio.run(run_concurrently(backend, requests, concurrency))
 
 
+CB_PAGE = 256  # tokens per KV block of transformers' continuous batching (ContinuousBatchingConfig.page_size)
+
+
+def cb_num_blocks(tokenizer, requests, concurrency) -> int:
+    """KV blocks for transformers' continuous batching: `concurrency` requests of the longest prompt + max_tokens,
+    twice over. Unset, it sizes its paged cache to 90% of the free memory (on a CPU, RAM), so two of them (the
+    in-process `generate_batch` and the `--continuous-batching` server) ran the machine out of memory and the
+    kernel killed the server. Our backend holds its KV for `concurrency` rows (+ a 1 GB prefix cache)."""
+    longest = max(len(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]) + r.max_tokens for r in requests)
+    return 2 * concurrency * -(-longest // CB_PAGE)
+
+
+def run_generate_batch(model, tokenizer, requests, concurrency, num_blocks=None):
+    """transformers' own continuous batching (`generate_batch`, its ContinuousBatchingManager) on the same prompts,
+    `concurrency` requests per batch. It has no stop strings: a human turn runs on past `[AI]` to EOS or max_tokens,
+    and `cut` + `useful_tokens` count only the tokens up to the stop, as for every variant."""
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    inputs = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"] for r in requests]
+    eos = model.generation_config.eos_token_id
+    config = GenerationConfig(max_new_tokens=max(r.max_tokens for r in requests), do_sample=False,
+                              eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    outputs = model.generate_batch(inputs, generation_config=config, progress_bar=False,
+                                   continuous_batching_config=ContinuousBatchingConfig(
+                                       max_requests_per_batch=concurrency, page_size=CB_PAGE,
+                                       num_blocks=num_blocks or cb_num_blocks(tokenizer, requests, concurrency)))
+    out = []
+    for r, result in zip(requests, outputs.values()):  # in the order of the inputs
+        gen = result.generated_tokens[: r.max_tokens]
+        ended = bool(gen) and (gen[-1] in tokenizer.all_special_ids or len(gen) < r.max_tokens)
+        out.append((tokenizer.decode(gen, skip_special_tokens=True), "stop" if ended else "length"))
+    if len(out) != len(requests):
+        raise RuntimeError(f"generate_batch returned {len(out)} of {len(requests)} requests")
+    return out
+
+
+def random_adapter(model_dir: Path) -> Path:
+    """A LoRA with random (non-zero) A and B on the train stage's target modules, saved to a temp folder: the
+    adapter row's stand-in when no trained models/adapter is there (the speed does not depend on the values)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from baize.config import TrainParams
+
+    params = TrainParams()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+    model = get_peft_model(base, LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha,
+                                            target_modules=list(params.target_modules), init_lora_weights=False,
+                                            task_type="CAUSAL_LM"))
+    folder = Path(tempfile.mkdtemp(prefix="bench-adapter-")) / "adapter"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
 def run_one_at_a_time(model, tokenizer, requests):
     import torch
 
@@ -122,7 +200,7 @@ def run_one_at_a_time(model, tokenizer, requests):
 class Server:
     """`transformers serve` on 127.0.0.1, started and stopped by us (terminated by its own pid)."""
 
-    def __init__(self, model_dir: Path, threads: int | None, cb: bool, dtype: str):
+    def __init__(self, model_dir: Path, threads: int | None, cb: bool, dtype: str, cb_num_blocks: int | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -133,6 +211,8 @@ class Server:
                "--port", str(self.port), "--device", "cpu", "--dtype", dtype]
         if cb:
             cmd.append("--continuous-batching")
+            if cb_num_blocks:  # its paged KV cache, as generate_batch's (see cb_num_blocks)
+                cmd += ["--cb-num-blocks", str(cb_num_blocks)]
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -147,6 +227,10 @@ class Server:
                 time.sleep(1)
         self.close()
         raise RuntimeError("transformers serve did not come up in 180 s")
+
+    def tail(self, chars: int = 4000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-chars:]
 
     @property
     def base_url(self) -> str:
@@ -179,8 +263,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every variant (default: torch's)")
     ap.add_argument("--rounds", type=int, default=1, help="2: run the variants again in reverse order")
     ap.add_argument("--dtype", default="auto", help="every variant's dtype (auto: the local backend's choice)")
-    ap.add_argument("--no-serve", action="store_true")
-    ap.add_argument("--serve-cb", action="store_true", help="also serve with --continuous-batching")
+    ap.add_argument("--no-serve", action="store_true", help="no `transformers serve` rows")
+    ap.add_argument("--no-serve-cb", action="store_true", help="no `transformers serve --continuous-batching` row")
+    ap.add_argument("--serve-cb", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old commands
+    ap.add_argument("--no-generate-batch", action="store_true", help="no transformers `generate_batch` row")
+    ap.add_argument("--adapter", type=Path, default=ROOT / "models/adapter",
+                    help="LoRA folder for the adapter row (default models/adapter; missing: a random LoRA)")
+    ap.add_argument("--no-adapter", action="store_true", help="no adapter (base + LoRA, unmerged) row")
     args = ap.parse_args()
     # SIGTERM runs the `finally` below too, so a killed benchmark never leaves a server behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -205,24 +294,55 @@ def main() -> None:
     sample = [r for k in range(0, len(requests), step) for r in requests[k : k + 2]][: args.baseline_sample]
     local = LocalBackend(model_dir, batch_size=args.concurrency, dtype=args.dtype)
     tok = local.tokenizer
-    local.complete_sync(ChatRequest(messages=[{"role": "user", "content": "Hi"}], model="base", temperature=0,
-                                    top_p=1, max_tokens=4))  # warm-up, not timed
+    hello = ChatRequest(messages=[{"role": "user", "content": "Hi"}], model="base", temperature=0, top_p=1,
+                        max_tokens=4)
+    local.complete_sync(hello)  # warm-up, not timed
 
     servers = {}
+    served_adapter = generate_batch_model = None
+    blocks = cb_num_blocks(tok, requests, args.concurrency)
+    adapter_name = "v1.5"
     try:
+        # Each server runs only for its own row (started, warmed up, then timed; stopped after): an idle
+        # `--continuous-batching` server keeps polling for work and took a core from every other row.
+        server_specs = {}
         if not args.no_serve:
-            servers["transformers serve"] = Server(model_dir, args.threads, cb=False, dtype=local.dtype)
-            if args.serve_cb:
-                servers["transformers serve --continuous-batching"] = Server(model_dir, args.threads, cb=True, dtype=local.dtype)
-            for server in servers.values():  # warm-up: the model loads on the first request
-                run_served(server.base_url, model_dir, requests[1:2], 1)
+            server_specs["transformers serve"] = dict(cb=False)
+            if not args.no_serve_cb:
+                server_specs["transformers serve --continuous-batching"] = dict(cb=True, cb_num_blocks=blocks)
+        if not args.no_adapter:
+            adapter_dir = args.adapter
+            if not (adapter_dir / "adapter_config.json").is_file():
+                print(f"{adapter_dir}: no adapter there; the adapter row serves a random LoRA (r 8, the train stage's "
+                      "target modules)")
+                adapter_dir = random_adapter(model_dir)
+            # the engine serving base + LoRA unmerged (PEFT mixed-adapter batches), requests naming the adapter
+            served_adapter = LocalBackend(model_dir, batch_size=args.concurrency, dtype=args.dtype,
+                                          adapters={adapter_name: adapter_dir})
+            served_adapter.complete_sync(ChatRequest(**{**hello.__dict__, "model": adapter_name}))  # warm-up
+        if not args.no_generate_batch:
+            from transformers import AutoModelForCausalLM
+
+            from baize.selfchat.local_backend import DTYPES
+
+            # its own copy of the weights, same dtype: generate_batch may switch the attention implementation
+            generate_batch_model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=DTYPES[local.dtype], use_safetensors=True, local_files_only=True).eval()
+            run_generate_batch(generate_batch_model, tok, requests[1:2], 1, blocks)  # warm-up
 
         variants = {
             "local batched": (requests, lambda rs: run_local(local, rs, args.concurrency)),
             "one at a time (model.generate)": (sample, lambda rs: run_one_at_a_time(local.model, tok, rs)),
         }
-        for name, server in servers.items():
-            variants[name] = (requests, lambda rs, s=server: run_served(s.base_url, model_dir, rs, args.concurrency))
+        if served_adapter is not None:
+            adapter_requests = [ChatRequest(**{**r.__dict__, "model": adapter_name}) for r in requests]
+            variants[ADAPTER_ROW] = (adapter_requests, lambda rs: run_local(served_adapter, rs, args.concurrency))
+        if generate_batch_model is not None:
+            variants[GENERATE_BATCH_ROW] = (
+                requests, lambda rs: run_generate_batch(generate_batch_model, tok, rs, args.concurrency, blocks))
+        for name in server_specs:
+            variants[name] = (requests,
+                              lambda rs, n=name: run_served(servers[n].base_url, model_dir, rs, args.concurrency))
 
         totals = {name: [0, 0.0, 0] for name in variants}  # useful tokens, seconds, requests
         texts: dict[str, list[str]] = {}
@@ -230,9 +350,21 @@ def main() -> None:
             order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
             for name in order:
                 rs, fn = variants[name]
+                if name in server_specs:
+                    servers[name] = Server(model_dir, args.threads, dtype=local.dtype, **server_specs[name])
+                    run_served(servers[name].base_url, model_dir, requests[1:2], 1)  # warm-up: loads the model
                 load = os.getloadavg()[0]
                 started = time.perf_counter()
-                results = fn(rs)
+                try:
+                    results = fn(rs)
+                except Exception:
+                    if name in servers:
+                        code = servers[name].proc.poll()
+                        print(f"{name} failed (server {'running' if code is None else f'exited, {code}'}); its log:\n"
+                              f"{servers[name].tail()}", file=sys.stderr, flush=True)
+                    raise
+                if name in servers:
+                    servers.pop(name).close()
                 seconds = time.perf_counter() - started
                 results = [cut(r, t, f) for r, (t, f) in zip(rs, results)]
                 useful = sum(useful_tokens(tok, r, t, f) for r, (t, f) in zip(rs, results))
@@ -246,25 +378,46 @@ def main() -> None:
         for server in servers.values():
             server.close()
         local.close()
+        if served_adapter is not None:
+            served_adapter.close()
 
     base_rate = totals["one at a time (model.generate)"][0] / totals["one at a time (model.generate)"][1]
     local_by_request = dict(zip(map(id, requests), texts["local batched"]))
+    if ADAPTER_ROW in variants:  # another model: its text is its own; compared with nothing
+        local_by_request.update(zip(map(id, variants[ADAPTER_ROW][0]), texts[ADAPTER_ROW]))
     print(f"\nself-chat workload: {args.requests} requests (half human turns with stop [AI], half answers), "
           f"max_tokens {args.max_tokens}, concurrency {args.concurrency}, greedy, {local.dtype}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} round(s)\n")
-    print("| variant | requests | useful tokens | seconds | useful tokens/s | vs one at a time | same text as local |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rates = {name: useful / seconds for name, (useful, seconds, _) in totals.items()}
+    ours = rates["local batched"]
+    print("| variant | requests | useful tokens | seconds | useful tokens/s | vs one at a time | local batched vs it "
+          "| same text as local |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (useful, seconds, n) in totals.items():
         rs = variants[name][0]
-        same = sum(local_by_request[id(r)].strip() == t.strip() for r, t in zip(rs, texts[name]))
-        rate = useful / seconds
+        same = (f"{sum(local_by_request[id(r)].strip() == t.strip() for r, t in zip(rs, texts[name]))}/{len(rs)}"
+                if name != ADAPTER_ROW else "(other model)")
+        rate = rates[name]
         print(f"| {name} | {n} | {useful} | {seconds:.1f} | {rate:.1f} | {rate / base_rate:.2f}x | "
-              f"{same}/{len(rs)} |")
-    st = local.stats
-    print(f"\nlocal backend: prefill {st.prefill_tokens} prompt tokens ({st.reused_tokens} more reused from the "
-          f"prefix cache) in {st.prefill_s:.1f} s, "
-          f"{st.decode_steps} decode steps in {st.decode_s:.1f} s, "
-          f"mean batch fill {st.decode_tokens / max(1, st.decode_steps):.1f}/{args.concurrency}")
+              f"{ours / rate:.2f}x | {same} |")
+    print()
+    targets = {"one at a time (model.generate)": 8, "transformers serve": 3, GENERATE_BATCH_ROW: 2}
+    for name, rate in rates.items():
+        if name not in ("local batched", ADAPTER_ROW):
+            target = f" (target >= {targets[name]}x)" if name in targets else ""
+            print(f"local batched vs {name}: {ours / rate:.2f}x useful tokens/s{target}")
+    if ADAPTER_ROW in rates:
+        print(f"adapter served unmerged vs the base: {rates[ADAPTER_ROW] / ours:.2f}x useful tokens/s "
+              "(target: within 15%, >= 0.85x)")
+    backends = [("local backend", local)]
+    if served_adapter is not None:
+        backends.append((f"local backend, adapter {adapter_name}", served_adapter))
+    for label, backend in backends:
+        st = backend.stats
+        print(f"{label}: prefill {st.prefill_tokens} prompt tokens ({st.reused_tokens} more reused from the "
+              f"prefix cache) in {st.prefill_s:.1f} s, "
+              f"{st.decode_steps} decode steps in {st.decode_s:.1f} s, "
+              f"mean batch fill {st.decode_tokens / max(1, st.decode_steps):.1f}/{args.concurrency}")
 
 
 if __name__ == "__main__":

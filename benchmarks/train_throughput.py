@@ -1,4 +1,5 @@
-"""Training throughput and peak memory: our recipe vs the reference (alpaca-lora / Baize `finetune.py`) recipe.
+"""Training throughput and peak memory: our recipe vs the reference (alpaca-lora / Baize `finetune.py`) recipe and
+vs TRL's SFTTrainer.
 
 Same model (models/base or --model), same transcripts, int8 base for both, same micro-batch and gradient
 accumulation (same effective batch), a few optimizer steps each:
@@ -11,7 +12,28 @@ accumulation (same effective batch), a few optimizer steps each:
 - `ours`: the train stage's defaults (baize.training): length-grouped batches padded to their longest sample,
   AI-only labels (tokenize default), logits only at trained positions, a token budget per forward pass
   (`max_batch_tokens` 512, as the default params.yaml), mixed precision `auto`; `ours-fp32`, `ours-gc`
-  (gradient checkpointing) and `ours-no-budget` change one setting each, and `ours+key=value` any train param.
+  (gradient checkpointing) and `ours-no-budget` change one setting each, and `ours+key=value` any train param;
+- `trl`: TRL's `SFTTrainer` (pip install -e '.[bench]'), set up as TRL's documentation does LoRA on a quantized
+  base: the model path with `quantization_config=BitsAndBytesConfig(load_in_8bit=True)` and `peft_config` (the
+  same LoRA: r, alpha, dropout, target modules) given to the trainer; the same transcripts as a conversational
+  `messages` dataset rendered by the Baize chat template (baize.chat_template) with `assistant_only_loss=True`
+  (the same input_ids and labels as ours, checked per run and printed); the same micro-batch, accumulation,
+  steps, learning rate and autocast dtype as `ours` (SFTConfig's own default is bf16=True). Otherwise SFTConfig's
+  defaults, which include gradient checkpointing; `trl-no-gc` turns that off (as `ours` runs), and
+  `trl+key=value` changes any SFTConfig field. TRL's speed and memory options on the CPU:
+  - used: `padding_free=True`: each micro-batch is flattened into one row with per-sample position ids and no
+    padding; TRL documents it for FlashAttention, but transformers 5 builds a block-diagonal mask from the
+    position ids for sdpa/eager attention too (masking_utils.find_packed_sequence_indices), so on the CPU it is
+    correct (no attention across samples) and no token is padding. Its own chunked (`fused_lm_head`) loss is
+    TRL's default and on.
+  - not used: `packing` (bfd): it makes a training row of several transcripts up to `max_length`, so a step no
+    longer holds `micro-batch x accumulation` transcripts (not the same effective batch and steps) and packing
+    by max_length can cut a transcript; padding-free gives the same no-padding rows without that.
+    `use_liger_kernel`: Triton kernels, GPU only. `activation_offloading`: moves activations to the CPU, which on
+    the CPU is where they already are. TRL's cast of the LoRA weights to bf16 on a quantized base (its QLoRA
+    recipe) is not an option: it always happens. TRL warns that the chat template leaves the end-of-turn token
+    out of the loss: a false positive (it looks for an added special token; Baize's stop marker `[|Human|]` is
+    plain text inside the {% generation %} span, see tests/test_chat_template.py).
 
 Each variant runs in its own subprocess so its peak RSS (ru_maxrss) is its own. Throughput counts the real
 (non-padding) tokens of the samples that went through a training step, per second, over the steps after the
@@ -19,6 +41,7 @@ first (warm-up) one. Also: int8 vs fp32 `get_memory_footprint()` of the base.
 
     python benchmarks/train_throughput.py                 # models/base, synthetic self-chat transcripts
     python benchmarks/train_throughput.py --model DIR --steps 4 --variants reference,ours,ours-gc
+    python benchmarks/train_throughput.py --variants ours,trl,trl-no-gc,trl+padding_free=false
 
 CAUTION: the fp32 reference peaks near 10 GB RSS with SmolLM2-135M; variants run one after the other.
 """
@@ -66,19 +89,40 @@ def synthetic_transcripts(n: int, seed: int = 0):
     return out
 
 
+def fitting(tokenizer, transcripts, max_length: int):
+    """Each transcript cut to the whole human/AI pairs whose rendered text fits in `max_length` tokens (what the
+    tokenize stage keeps of a longer one, give or take the dangling marker's space), so that every variant, the
+    `messages` dataset of `trl` included, trains on the same complete transcripts, none cut by a max_length."""
+    from baize.formats import render_training
+
+    out = []
+    for turns in transcripts:
+        while len(turns) > 2 and len(tokenizer(render_training(turns)).input_ids) > max_length:
+            turns = turns[:-2]
+        out.append(turns)
+    return out
+
+
 def build_rows(model_dir: Path, n: int, max_length: int = 512):
     from baize.formats import render_training
     from baize.tokenization import load_tokenizer, tokenize_texts
 
     tokenizer = load_tokenizer(model_dir)
-    texts = [render_training(t) for t in synthetic_transcripts(n)]
+    transcripts = fitting(tokenizer, synthetic_transcripts(n), max_length)
+    texts = [render_training(t) for t in transcripts]
     cols = {loss: tokenize_texts(tokenizer, texts, loss, max_length) for loss in ("ai_only", "all")}
     return [
-        {"input_ids": ids, "labels": ai, "labels_all": al, "length": ln}
-        for ids, ai, al, ln in zip(
-            cols["ai_only"]["input_ids"], cols["ai_only"]["labels"], cols["all"]["labels"], cols["ai_only"]["length"]
+        {"input_ids": ids, "labels": ai, "labels_all": al, "length": ln, "messages": messages(turns)}
+        for ids, ai, al, ln, turns in zip(
+            cols["ai_only"]["input_ids"], cols["ai_only"]["labels"], cols["all"]["labels"], cols["ai_only"]["length"],
+            transcripts,
         )
     ]
+
+
+def messages(turns) -> list[dict[str, str]]:
+    """A transcript as a conversational (`messages`) row, as TRL takes it (rendered by the Baize chat template)."""
+    return [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns]
 
 
 # --------------------------------------------------------------------------- worker (one variant per process)
@@ -92,6 +136,13 @@ VARIANTS = {
     "ours-fp32": (False, {"max_batch_tokens": 512, "mixed_precision": "no"}),
     "ours-gc": (False, {"max_batch_tokens": 512, "gradient_checkpointing": True}),
     "ours-no-budget": (False, {"max_batch_tokens": 0}),
+}
+
+# TRL's SFTTrainer, configured as TRL's documentation recommends for LoRA on a k-bit base (see trl_worker); the
+# `+key=value` changes of these are SFTConfig fields: `trl+gradient_checkpointing=false`.
+TRL_VARIANTS = {
+    "trl": {},  # SFTConfig's defaults (gradient checkpointing on) + padding-free
+    "trl-no-gc": {"gradient_checkpointing": False},  # the same without gradient checkpointing (as `ours` runs)
 }
 
 
@@ -110,6 +161,8 @@ def variant_config(name: str) -> tuple[bool, dict]:
 
 
 def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, accum: int) -> dict:
+    if variant.split("+")[0] in TRL_VARIANTS:
+        return trl_worker(variant, data, model_dir, steps, micro, accum)
     import torch
     from datasets import load_from_disk
     from transformers import Trainer, TrainerCallback
@@ -188,6 +241,114 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
     }
 
 
+def trl_worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, accum: int) -> dict:
+    """TRL's `SFTTrainer` on the same int8 base, LoRA settings, transcripts, batch and steps as `ours`.
+
+    As TRL's documentation sets it up for (Q)LoRA: the model path with `quantization_config` (bitsandbytes int8)
+    and `peft_config` given to the trainer, a conversational `messages` dataset rendered by the tokenizer's chat
+    template (the Baize template) with `assistant_only_loss=True`. TRL's speed/memory options (see the module
+    docstring for which and why): `padding_free=True` (on the CPU transformers' sdpa attention gets a
+    block-diagonal mask from the position ids, so no token attends across samples); no packing.
+    """
+    import torch
+    import yaml
+    from datasets import load_from_disk
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from baize import hardware
+    from baize.chat_template import set_baize_chat_template
+    from baize.config import TrainParams
+
+    base, *changes = variant.split("+")
+    overrides = dict(TRL_VARIANTS[base])
+    for change in changes:
+        key, _, value = change.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    torch.manual_seed(0)
+    rows = load_from_disk(str(data))
+    ds = rows.select_columns(["messages"])
+    # the same train params as `ours` (whose non-default knobs, like max_batch_tokens, have no TRL counterpart)
+    params = TrainParams(batch_size=micro * accum, micro_batch_size=micro, max_steps=steps, warmup_steps=0)
+    mixed = hardware.resolve_mixed_precision(params.mixed_precision)  # the same compute dtype as `ours`
+    tokenizer = set_baize_chat_template(AutoTokenizer.from_pretrained(str(model_dir)))
+    config = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=params.learning_rate,
+        warmup_steps=0,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        seed=params.seed,
+        bf16=mixed == "bf16",  # SFTConfig defaults to bf16=True; the same autocast as `ours` instead
+        use_cpu=hardware.device_type() == "cpu",
+        assistant_only_loss=True,  # the tokenize stage's ai_only labels (the template's {% generation %} spans)
+        padding_free=True,
+        max_length=None,  # padding-free without packing does not truncate; the transcripts fit in 512 tokens
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    config.update(overrides)
+    args = SFTConfig(**config)
+    lora = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                      target_modules=list(params.target_modules), bias="none", task_type="CAUSAL_LM")
+    counts = {"real": 0, "trained": 0}
+
+    class Counting(SFTTrainer):
+        def compute_loss(self, model, inputs, *a, **k):
+            if model.training:
+                if "attention_mask" in inputs:
+                    counts["real"] += int(inputs["attention_mask"].sum())
+                else:  # padding-free: one flattened row, no padding (pad_to_multiple_of is None)
+                    counts["real"] += int(inputs["input_ids"].numel())
+                counts["trained"] += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, *a, **k)
+
+    marks: list[tuple[float, int, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), counts["real"], counts["trained"]))
+
+    if hardware.int8_device_map() is not None:
+        args.model_init_kwargs = {"device_map": hardware.int8_device_map()}
+    trainer = Counting(
+        model=str(model_dir), args=args, train_dataset=ds, processing_class=tokenizer,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True), peft_config=lora, callbacks=[Clock()],
+    )
+    # TRL's tokenization of the messages must be our tokenize stage's, token for token (labels too)
+    prepared = trainer.train_dataset
+    same = sum(
+        list(p["input_ids"]) == r["input_ids"]
+        and list(p["labels"]) == r["labels"]
+        for p, r in zip(prepared, rows)
+    )
+    start = time.perf_counter()
+    trainer.train()
+    (t0, tok0, tr0), (t1, tok1, tr1) = marks[0], marks[-1]
+    return {
+        "variant": variant,
+        "steps": len(marks),
+        "measured_steps": len(marks) - 1,
+        "seconds": t1 - t0,
+        "non_padding_tokens_per_s": (tok1 - tok0) / (t1 - t0),
+        "trained_tokens_per_s": (tr1 - tr0) / (t1 - t0),
+        "first_step_s": marks[0][0] - start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "mixed_precision": mixed,
+        "weights_footprint_mb": trainer.model.get_memory_footprint() / 2**20,
+        "trl_options": {k: getattr(args, k) for k in ("padding_free", "packing", "gradient_checkpointing", "bf16",
+                                                      "assistant_only_loss", "max_length")},
+        "same_input_ids_as_ours": f"{same}/{len(rows)}",
+    }
+
+
 def footprint(model_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -222,8 +383,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per variant; the first is warm-up")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=2)
-    ap.add_argument("--variants", default="reference,reference-bf16,ours",
-                    help=f"comma-separated, of: {', '.join(VARIANTS)}; +key=value changes a train param")
+    ap.add_argument("--variants", default="reference,reference-bf16,ours,trl,trl-no-gc",
+                    help=f"comma-separated, of: {', '.join([*VARIANTS, *TRL_VARIANTS])}; +key=value changes a train "
+                    "param (an SFTConfig field for trl*)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -249,8 +411,15 @@ def main() -> None:
           f"{1 - sum(lengths) / (512 * len(lengths)):.0%}; micro-batch {a.micro_batch} x accumulation {a.grad_accum}",
           flush=True)
 
+    variants = a.variants.split(",")
+    if any(name.split("+")[0] in TRL_VARIANTS for name in variants):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("TRL is not installed (pip install -e '.[bench]'): the trl variants are left out", flush=True)
+            variants = [name for name in variants if name.split("+")[0] not in TRL_VARIANTS]
     results = {}
-    for name in [*a.variants.split(","), "footprint"]:
+    for name in [*variants, "footprint"]:
         out = tmp / f"{name}.json"
         cmd = [sys.executable, __file__, "--worker", name, "--data", str(tmp / "data"), "--json", str(out),
                "--model", str(a.model), "--steps", str(a.steps), "--micro-batch", str(a.micro_batch),
@@ -262,17 +431,28 @@ def main() -> None:
         results[name] = json.loads(out.read_text())
         print(f"  {name}: done in {time.perf_counter() - t:.0f} s: {results[name]}", flush=True)
 
-    refs = [name for name in ("reference", "reference-bf16") if name in results]
+    # ratio columns: against the paper's recipe and against TRL (every trl variant that ran)
+    refs = [name for name in results if name in ("reference", "reference-bf16") or name.split("+")[0] in TRL_VARIANTS]
     print()
     print("| variant | mixed precision | non-padding tokens/s | trained tokens/s | peak RSS (MB) | "
           + " | ".join(f"vs {name}: tokens/s, RSS" for name in refs) + " |")
-    print("| --- | --- | ---: | ---: | ---: |" + " --- |" * len(refs))
-    for name in a.variants.split(","):
+    print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(refs))
+    for name in variants:
         r = results[name]
         rel = [f"{r['non_padding_tokens_per_s'] / results[ref]['non_padding_tokens_per_s']:.2f}x, "
                f"{r['peak_rss_mb'] / results[ref]['peak_rss_mb']:.2f}x" for ref in refs]
         print(f"| {name} | {r['mixed_precision']} | {r['non_padding_tokens_per_s']:.0f} | "
               f"{r['trained_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | " + " | ".join(rel) + " |")
+    for name in refs:
+        r = results[name]
+        if "trl_options" not in r:
+            continue
+        print(f"\n{name}: SFTConfig {r['trl_options']}; TRL's input_ids and labels equal ours for "
+              f"{r['same_input_ids_as_ours']} transcripts")
+        if "ours" in results:
+            o = results["ours"]
+            print(f"ours vs {name}: {o['non_padding_tokens_per_s'] / r['non_padding_tokens_per_s']:.2f}x non-padding "
+                  f"tokens/s (target >= 1.5x), {o['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS (target <= 0.7x)")
     fp = results["footprint"]
     f32 = fp["fp32_mb"]
     print(f"\nweights footprint (get_memory_footprint) against fp32 ({f32:.0f} MB): "

@@ -9,10 +9,11 @@ small group and their cache rows merged into the running batch (re-aligned by le
 sequence never holds a slot while others run on: the self-chat workload has very uneven answer lengths (a human
 turn often stops after a few tokens at `[AI]`), and fixed batches would spend most steps on padding.
 
-Why our own loop and not transformers' `generate_batch` / `ContinuousBatchingManager`: in a trial on this 2-core CPU
-it generated ~20 tokens/s for 16 sequences, about batch-1 speed (it targets GPUs: paged attention, CUDA graphs), and
-it has no stop strings. benchmarks/selfchat_local.py compares this backend with one-at-a-time `generate` and with
-`transformers serve`.
+Why our own loop and not transformers' `generate_batch` / `ContinuousBatchingManager`: it targets GPUs (paged
+attention, CUDA graphs; on a CPU its paged cache takes 90% of the free RAM unless sized) and it has no stop strings,
+so a human turn runs on past its stop. benchmarks/selfchat_local.py measures this backend beside it (on the same
+workload, dtype and threads), beside one-at-a-time `generate`, and beside `transformers serve` with and without
+`--continuous-batching`.
 
 Prompt prefixes are reused: the KV of recent prompts is kept (up to `prefix_cache_tokens`), and a new prompt is
 prefilled only from where it departs from the closest one (the chat template's system prompt, the paper's template,
