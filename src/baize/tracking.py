@@ -108,7 +108,15 @@ def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
     if exp is not None:
         # An experiment made before this tag existed, or by hand: tagged once; a kind a user chose is kept.
         if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            except MlflowException as exc:
+                # Only the UI's first view depends on it: a user without EDIT on a shared experiment still gets
+                # the error that matters (creating the run), not one about a tag.
+                if exc.get_http_status_code() not in (401, 403):
+                    raise
         return exp.experiment_id
     # An absolute artifact location keeps artifacts at the project root even when a stage runs in a
     # `dvc exp run --temp` copy of the repo.
