@@ -14,7 +14,7 @@ reverse order):
 - `local batched`: LocalBackend(batch_size=concurrency), `concurrency` requests in flight, as the engine runs it.
 - `local batched, base + LoRA unmerged`: the same engine serving an adapter by name,
   LocalBackend(adapters={"v1.5": --adapter}), every request's `model` "v1.5" (PEFT mixed-adapter batches, the
-  LoRA matmuls at every step, as SDF sampling and evaluation run it); --adapter defaults to models/adapter, and
+  LoRA matmuls at every step, as evaluation runs it; SDF sampling merges); --adapter defaults to models/adapter, and
   where there is none a random LoRA of the train stage's shape is built. Its text is another model's; its
   rate against `local batched` is the adapter's cost (target: within 15%).
 - `one at a time`: plain `model.generate` per prompt (stop strings, EOS), on an evenly spread sample of the
