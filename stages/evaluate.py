@@ -15,6 +15,7 @@ and `v2` (the stacked SDF adapter). Every model answers the same prompts with th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -209,14 +210,17 @@ def main(adapter: str, model_dir: Path, data_dir: Path, out_dir: Path, adapter_v
                     top_p=params.top_p, batch_size=params.batch_size, seed=params.seed,
                     max_context_tokens=params.max_context_tokens, prompt_format=params.prompt_format,
                     chat_tokenizer=inference.load_tokenizer(model_dir))
-    if params.engine == "local":
-        del model  # the engine loads each model with its adapter merged
-        answers = evaluation.generate_answers_served(
-            model_dir, {"base": None, "adapter": adapter_dir, "v2": adapter_v2}, tokenizer, prompts,
-            dtype=params.dtype, **sampling)
-    else:
-        answers = evaluation.generate_answers(model, tokenizer, prompts, **sampling)
-        del model  # the judge's local backend and lm-eval load their own copies
+    from baize import progress
+
+    with contextlib.closing(progress.bar(len(prompts) * len(which), desc="evaluate: answers", unit="answer")) as bar:
+        if params.engine == "local":
+            del model  # the engine loads the base once more and serves every adapter beside it
+            answers = evaluation.generate_answers_served(
+                model_dir, {"base": None, "adapter": adapter_dir, "v2": adapter_v2}, tokenizer, prompts,
+                dtype=params.dtype, progress=bar.update, **sampling)
+        else:
+            answers = evaluation.generate_answers(model, tokenizer, prompts, progress=bar.update, **sampling)
+            del model  # the judge's local backend and lm-eval load their own copies
     samples = evaluation.sample_rows(prompts, answers)
     metrics: dict = {
         "data": _data_summary(data_dir),
