@@ -224,11 +224,17 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
             return orig(self, model, inputs, *a, **k)
 
         Counting.compute_loss = counted
+    return {**_timed_train(trainer, marks), "variant": variant, "mixed_precision": mixed,
+            "weights_footprint_mb": model.get_memory_footprint() / 2**20}
+
+
+def _timed_train(trainer, marks: list) -> dict:
+    """Run `trainer.train()` and turn the per-step (time, non-padding tokens, trained tokens) marks its callback
+    appends into rates; the first step (warm-up) is reported apart and not timed."""
     start = time.perf_counter()
     trainer.train()
     (t0, tok0, tr0), (t1, tok1, tr1) = marks[0], marks[-1]
     return {
-        "variant": variant,
         "steps": len(marks),
         "measured_steps": len(marks) - 1,
         "seconds": t1 - t0,
@@ -236,8 +242,6 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
         "trained_tokens_per_s": (tr1 - tr0) / (t1 - t0),
         "first_step_s": marks[0][0] - start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "mixed_precision": mixed,
-        "weights_footprint_mb": model.get_memory_footprint() / 2**20,
     }
 
 
@@ -329,18 +333,9 @@ def trl_worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int
         and list(p["labels"]) == r["labels"]
         for p, r in zip(prepared, rows)
     )
-    start = time.perf_counter()
-    trainer.train()
-    (t0, tok0, tr0), (t1, tok1, tr1) = marks[0], marks[-1]
     return {
+        **_timed_train(trainer, marks),
         "variant": variant,
-        "steps": len(marks),
-        "measured_steps": len(marks) - 1,
-        "seconds": t1 - t0,
-        "non_padding_tokens_per_s": (tok1 - tok0) / (t1 - t0),
-        "trained_tokens_per_s": (tr1 - tr0) / (t1 - t0),
-        "first_step_s": marks[0][0] - start,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "mixed_precision": mixed,
         "weights_footprint_mb": trainer.model.get_memory_footprint() / 2**20,
         "trl_options": {k: getattr(args, k) for k in ("padding_free", "packing", "gradient_checkpointing", "bf16",
