@@ -13,10 +13,13 @@ Variants, run in the same process/machine, same dtype and torch threads, interle
 reverse order):
 - `local batched`: LocalBackend(batch_size=concurrency), `concurrency` requests in flight, as the engine runs it.
 - `local batched, base + LoRA unmerged`: the same engine serving an adapter by name,
-  LocalBackend(adapters={"v1.5": --adapter}), every request's `model` "v1.5" (PEFT mixed-adapter batches, the
-  LoRA matmuls at every step, as evaluation runs it; SDF sampling merges); --adapter defaults to models/adapter, and
-  where there is none a random LoRA of the train stage's shape is built. Its text is another model's; its
-  rate against `local batched` is the adapter's cost (target: within 15%).
+  LocalBackend(adapters={"v1.5": ...}), every request's `model` "v1.5" (baize.selfchat.multi_lora: the LoRA
+  matmuls at every step, as evaluation runs it; SDF sampling merges). The adapter: `--adapter DIR` (a trained one,
+  e.g. models/adapter: its text is another model's), by default a LoRA of the train stage's shape as PEFT
+  initializes it (random A, B = 0): the same arithmetic per step as a trained one and the base's text, so the two
+  rows do the same work and their rate is the adapter's cost (target: within 15%).
+- `... LoRA via PEFT mixed batches`: the same engine and adapter with PEFT's own per-row adapters instead
+  (PeftModel, `adapter_names=` per forward), the library a user would otherwise serve LoRAs with.
 - `one at a time`: plain `model.generate` per prompt (stop strings, EOS), on an evenly spread sample of the
   requests (a rate, so a sample suffices), with the same model object (same dtype).
 - `transformers generate_batch`: transformers' own continuous batching (`model.generate_batch`, its
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -63,6 +67,8 @@ FALLBACK_ROUNDS = [
 
 
 ADAPTER_ROW = "local batched, base + LoRA unmerged (adapters=)"
+PEFT_ROW = "local batched, base + LoRA via PEFT mixed batches (adapter_names=)"
+ADAPTER_ROWS = (ADAPTER_ROW, PEFT_ROW)
 GENERATE_BATCH_ROW = "transformers generate_batch"
 
 
@@ -162,9 +168,9 @@ def run_generate_batch(model, tokenizer, requests, concurrency, num_blocks=None)
     return out
 
 
-def random_adapter(model_dir: Path) -> Path:
-    """A LoRA with random (non-zero) A and B on the train stage's target modules, saved to a temp folder: the
-    adapter row's stand-in when no trained models/adapter is there (the speed does not depend on the values)."""
+def standin_adapter(model_dir: Path) -> Path:
+    """A LoRA of the train stage's shape (r, alpha, target modules) as PEFT initializes it, random A and B = 0,
+    saved to a temp folder: the adapter rows' default. Its matmuls are a trained adapter's, its text the base's."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -175,11 +181,53 @@ def random_adapter(model_dir: Path) -> Path:
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     model = get_peft_model(base, LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha,
-                                            target_modules=list(params.target_modules), init_lora_weights=False,
-                                            task_type="CAUSAL_LM"))
+                                            target_modules=list(params.target_modules), task_type="CAUSAL_LM"))
     folder = Path(tempfile.mkdtemp(prefix="bench-adapter-")) / "adapter"
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+class PeftRows:
+    """PEFT's mixed-adapter batches behind baize.selfchat.multi_lora.MultiLoRA's interface (`model`, `names`,
+    `rows(names)`): the peer row. Each forward gets `adapter_names=` (PeftModel's per-row adapters)."""
+
+    def __init__(self, model, adapters: dict[str, list[Path]]) -> None:
+        from peft import PeftModel
+
+        self.names = list(adapters)
+        self._keys = {name: f"a{i}" for i, name in enumerate(adapters)}  # PEFT refuses "." in a name (v1.5)
+        self._current: list[str] | None = None
+        for name, folders in adapters.items():
+            if len(folders) != 1:
+                raise SystemExit("the PEFT row serves plain (not stacked) adapters")
+            key = self._keys[name]
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(folders[0]), adapter_name=key, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=key, is_trainable=False)
+        model.register_forward_pre_hook(self._names, with_kwargs=True)
+        self.model = model
+
+    def _names(self, module, args, kwargs):
+        return args, {**kwargs, "adapter_names": self._current or None}
+
+    @contextlib.contextmanager
+    def rows(self, names: list[str]):
+        self._current = [self._keys.get(name, "__base__") for name in names]
+        try:
+            yield
+        finally:
+            self._current = None
+
+
+def peft_backend_class():
+    from baize.selfchat.local_backend import LocalBackend
+
+    class PeftBackend(LocalBackend):
+        def _attach_named(self, adapters):
+            return PeftRows(self.model, {name: [Path(folder)] for name, folder in adapters.items()})
+
+    return PeftBackend
 
 
 def run_one_at_a_time(model, tokenizer, requests):
@@ -267,9 +315,10 @@ def main() -> None:
     ap.add_argument("--no-serve-cb", action="store_true", help="no `transformers serve --continuous-batching` row")
     ap.add_argument("--serve-cb", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old commands
     ap.add_argument("--no-generate-batch", action="store_true", help="no transformers `generate_batch` row")
-    ap.add_argument("--adapter", type=Path, default=ROOT / "models/adapter",
-                    help="LoRA folder for the adapter row (default models/adapter; missing: a random LoRA)")
-    ap.add_argument("--no-adapter", action="store_true", help="no adapter (base + LoRA, unmerged) row")
+    ap.add_argument("--adapter", type=Path, default=None,
+                    help="LoRA folder for the adapter rows (e.g. models/adapter; default: a stand-in with B = 0)")
+    ap.add_argument("--no-adapter", action="store_true", help="no adapter (base + LoRA, unmerged) rows")
+    ap.add_argument("--no-peft", action="store_true", help="no PEFT mixed-batches adapter row")
     args = ap.parse_args()
     # SIGTERM runs the `finally` below too, so a killed benchmark never leaves a server behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -299,7 +348,7 @@ def main() -> None:
     local.complete_sync(hello)  # warm-up, not timed
 
     servers = {}
-    served_adapter = generate_batch_model = None
+    served_adapter = peft_adapter = generate_batch_model = None
     blocks = cb_num_blocks(tok, requests, args.concurrency)
     adapter_name = "v1.5"
     try:
@@ -311,15 +360,16 @@ def main() -> None:
             if not args.no_serve_cb:
                 server_specs["transformers serve --continuous-batching"] = dict(cb=True, cb_num_blocks=blocks)
         if not args.no_adapter:
-            adapter_dir = args.adapter
-            if not (adapter_dir / "adapter_config.json").is_file():
-                print(f"{adapter_dir}: no adapter there; the adapter row serves a random LoRA (r 8, the train stage's "
-                      "target modules)")
-                adapter_dir = random_adapter(model_dir)
-            # the engine serving base + LoRA unmerged (PEFT mixed-adapter batches), requests naming the adapter
+            adapter_dir = args.adapter or standin_adapter(model_dir)
+            print(f"adapter rows: {args.adapter or 'a stand-in LoRA (B = 0, the train stage shape)'}")
+            # the engine serving base + LoRA unmerged, requests naming the adapter: ours, then PEFT's per-row path
             served_adapter = LocalBackend(model_dir, batch_size=args.concurrency, dtype=args.dtype,
                                           adapters={adapter_name: adapter_dir})
             served_adapter.complete_sync(ChatRequest(**{**hello.__dict__, "model": adapter_name}))  # warm-up
+            if not args.no_peft:
+                peft_adapter = peft_backend_class()(model_dir, batch_size=args.concurrency, dtype=args.dtype,
+                                                    adapters={adapter_name: adapter_dir})
+                peft_adapter.complete_sync(ChatRequest(**{**hello.__dict__, "model": adapter_name}))
         if not args.no_generate_batch:
             from transformers import AutoModelForCausalLM
 
@@ -337,6 +387,8 @@ def main() -> None:
         if served_adapter is not None:
             adapter_requests = [ChatRequest(**{**r.__dict__, "model": adapter_name}) for r in requests]
             variants[ADAPTER_ROW] = (adapter_requests, lambda rs: run_local(served_adapter, rs, args.concurrency))
+        if peft_adapter is not None:
+            variants[PEFT_ROW] = (adapter_requests, lambda rs: run_local(peft_adapter, rs, args.concurrency))
         if generate_batch_model is not None:
             variants[GENERATE_BATCH_ROW] = (
                 requests, lambda rs: run_generate_batch(generate_batch_model, tok, rs, args.concurrency, blocks))
@@ -378,13 +430,15 @@ def main() -> None:
         for server in servers.values():
             server.close()
         local.close()
-        if served_adapter is not None:
-            served_adapter.close()
+        for backend in (served_adapter, peft_adapter):
+            if backend is not None:
+                backend.close()
 
     base_rate = totals["one at a time (model.generate)"][0] / totals["one at a time (model.generate)"][1]
     local_by_request = dict(zip(map(id, requests), texts["local batched"]))
-    if ADAPTER_ROW in variants:  # another model: its text is its own; compared with nothing
-        local_by_request.update(zip(map(id, variants[ADAPTER_ROW][0]), texts[ADAPTER_ROW]))
+    standin = args.adapter is None  # B = 0: the base's text; a trained adapter's text is another model's
+    if ADAPTER_ROW in variants and standin:  # same requests but for `model`: compare by position
+        local_by_request.update(zip(map(id, variants[ADAPTER_ROW][0]), texts["local batched"]))
     print(f"\nself-chat workload: {args.requests} requests (half human turns with stop [AI], half answers), "
           f"max_tokens {args.max_tokens}, concurrency {args.concurrency}, greedy, {local.dtype}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} round(s)\n")
@@ -396,22 +450,27 @@ def main() -> None:
     for name, (useful, seconds, n) in totals.items():
         rs = variants[name][0]
         same = (f"{sum(local_by_request[id(r)].strip() == t.strip() for r, t in zip(rs, texts[name]))}/{len(rs)}"
-                if name != ADAPTER_ROW else "(other model)")
+                if name not in ADAPTER_ROWS or standin else "(other model)")
         rate = rates[name]
         print(f"| {name} | {n} | {useful} | {seconds:.1f} | {rate:.1f} | {rate / base_rate:.2f}x | "
               f"{ours / rate:.2f}x | {same} |")
     print()
     targets = {"one at a time (model.generate)": 8, "transformers serve": 3, GENERATE_BATCH_ROW: 2}
     for name, rate in rates.items():
-        if name not in ("local batched", ADAPTER_ROW):
+        if name not in ("local batched", *ADAPTER_ROWS):
             target = f" (target >= {targets[name]}x)" if name in targets else ""
             print(f"local batched vs {name}: {ours / rate:.2f}x useful tokens/s{target}")
     if ADAPTER_ROW in rates:
         print(f"adapter served unmerged vs the base: {rates[ADAPTER_ROW] / ours:.2f}x useful tokens/s "
               "(target: within 15%, >= 0.85x)")
+    if PEFT_ROW in rates:
+        print(f"adapter served unmerged, ours vs PEFT mixed batches: {rates[ADAPTER_ROW] / rates[PEFT_ROW]:.2f}x "
+              f"useful tokens/s (PEFT's vs the base: {rates[PEFT_ROW] / ours:.2f}x)")
     backends = [("local backend", local)]
     if served_adapter is not None:
         backends.append((f"local backend, adapter {adapter_name}", served_adapter))
+    if peft_adapter is not None:
+        backends.append((f"local backend, adapter {adapter_name} via PEFT", peft_adapter))
     for label, backend in backends:
         st = backend.stats
         print(f"{label}: prefill {st.prefill_tokens} prompt tokens ({st.reused_tokens} more reused from the "

@@ -170,8 +170,8 @@ def test_local_backend_serves_base_first_and_stacked_side_by_side(stack):
     with LocalBackend(stack["base"], adapters=adapters, dtype="float32", batch_size=6) as backend:
         names = ["v2", "base", "v1.5"]
         ids = IDS.expand(len(names), -1)
-        with torch.no_grad():
-            logits = backend.model(input_ids=ids, adapter_names=[backend._adapters.get(n, "__base__") for n in names]).logits
+        with torch.no_grad(), backend.loras.rows([n if n in backend.loras.names else "__base__" for n in names]):
+            logits = backend.model(input_ids=ids).logits
         for row, name in enumerate(names):
             torch.testing.assert_close(logits[row : row + 1], expected[name], atol=1e-4, rtol=1e-4)
 

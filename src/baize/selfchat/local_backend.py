@@ -28,13 +28,14 @@ strings (as the tokenizer spells it) can be sampled, and the reply ends when one
 judge always returns a parseable score. With `adapter`, the backend serves base + LoRA (a stacked SDF folder too),
 merged into the weights. With `adapters` it serves several models over one base in the same batch, as vLLM serves
 LoRAs: a request whose `model` names an adapter gets it, any other gets the base (the LoRAs stay unmerged and each
-row's own is applied, PEFT's mixed-adapter batches), so the evaluation answers with base, v1.5 and v2 in one batch.
+row's own is applied: baize.selfchat.multi_lora), so the evaluation answers with base, v1.5 and v2 in one batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import queue
@@ -51,6 +52,7 @@ from transformers.cache_utils import DynamicLayer
 from baize.errors import BaizeError, ParamsError
 from baize import hardware
 from baize.selfchat.backend import BackendError, ChatRequest, Completion
+from baize.selfchat.multi_lora import BASE, MultiLoRA
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,7 +127,7 @@ class _Job:
     node: dict | None = None  # `choices` requests: the trie node of the tokens so far ({} = a whole choice)
     top_logprobs: int = 0  # > 0: keep the k most likely tokens of each step (after the constraint) in `logprobs`
     logprobs: list[dict[str, float]] = field(default_factory=list)
-    adapter: str = "__base__"  # the PEFT adapter of this row (with `adapters`): "__base__" is the base model
+    adapter: str = BASE  # the served adapter of this row (with `adapters`): BASE is the base model
     abandoned: bool = False  # the caller was cancelled: a running future cannot be, so the worker drops the row
 
     def gone(self) -> bool:
@@ -151,8 +153,8 @@ class LocalBackend:
     `adapter`: a LoRA adapter folder (plain or stacked) served on top of the base. It is merged into the weights
     in float32 (W = W0 + s B A per target module, then cast to `dtype`): numerically the same function as the
     unmerged base + LoRA in float32 (up to float rounding), without the LoRA matmuls at every decode step.
-    `adapters`: {model name: adapter folder} served unmerged side by side (see the module docstring); a stacked
-    folder becomes one LoRA of both ranks concatenated (PEFT's `cat` combination: exactly the sum of the two).
+    `adapters`: {model name: adapter folder} served unmerged side by side, in `dtype` (baize.selfchat.multi_lora:
+    a forward whose rows all use the base runs the base alone; a stacked folder is one LoRA of both ranks).
     """
 
     name = "local"
@@ -194,7 +196,7 @@ class LocalBackend:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(
                 model_dir,
-                dtype=torch.float32 if adapter is not None or adapters else DTYPES[dtype],
+                dtype=torch.float32 if adapter is not None else DTYPES[dtype],  # merged in fp32
                 use_safetensors=True,
                 local_files_only=True,
                 device_map=self.placement.device_map,  # None on the CPU: loaded as before
@@ -206,11 +208,12 @@ class LocalBackend:
 
             peft_model = attach_adapter(self.model, check_adapter_dir(Path(adapter)))
             self.model = peft_model.merge_and_unload().to(DTYPES[dtype]).eval()
-        self._adapters: dict[str, str] = {}  # request model name -> PEFT adapter name
+        self.loras: MultiLoRA | None = None  # the adapters served by name (unmerged)
         if adapters:
             if adapter is not None:
                 raise ParamsError("local backend: `adapter` (merged) and `adapters` (served by name) exclude each other")
-            self.model = self._attach_named(adapters).to(DTYPES[dtype]).eval()
+            self.loras = self._attach_named(adapters)
+            self.model = self.loras.model.eval()
         if not self.tokenizer.chat_template:
             raise BaizeError(f"{model_dir}: the tokenizer has no chat template; the local backend needs one")
 
@@ -241,33 +244,16 @@ class LocalBackend:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return 2 * config.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size()
 
-    def _attach_named(self, adapters: dict[str, str | Path]):
-        """The base as a PeftModel holding one LoRA per served name (PEFT names `a0`, `a1`, ...: a model name like
-        `v1.5` is no valid module key). A stacked folder's two LoRAs are concatenated into one."""
-        from peft import PeftModel
-
+    def _attach_named(self, adapters: dict[str, str | Path]) -> MultiLoRA:
+        """One LoRA per served name over the base, unmerged (a stacked folder: its two LoRAs as one)."""
         from baize.inference import check_adapter_dir, stacked_on
 
-        model = self.model
-        for index, (name, folder) in enumerate(adapters.items()):
+        folders = {}
+        for name, folder in adapters.items():
             folder = check_adapter_dir(Path(folder))
-            key = f"a{index}"
             first = stacked_on(folder)
-            parts = [(folder, key if first is None else f"{key}_top")]
-            if first is not None:
-                parts.append((folder / first, f"{key}_first"))
-            for path, part in parts:
-                if isinstance(model, PeftModel):
-                    model.load_adapter(str(path), adapter_name=part, is_trainable=False)
-                else:
-                    model = PeftModel.from_pretrained(model, str(path), adapter_name=part, is_trainable=False)
-            if first is not None:
-                # rank r1 + r2, A = [s1 A1; s2 A2], B = [B1 B2], scaling 1: B A x = s1 B1 A1 x + s2 B2 A2 x.
-                model.add_weighted_adapter([f"{key}_first", f"{key}_top"], [1.0, 1.0], key, combination_type="cat")
-                model.delete_adapter(f"{key}_first")
-                model.delete_adapter(f"{key}_top")
-            self._adapters[name] = key
-        return model
+            folders[name] = [folder] if first is None else [check_adapter_dir(folder / first), folder]
+        return MultiLoRA(self.model, folders)
 
     # ---- public API -------------------------------------------------------------------------------------------
 
@@ -368,7 +354,7 @@ class LocalBackend:
             future=concurrent.futures.Future(),
             node=self._choice_trie(request.choices) if request.choices is not None else None,
             top_logprobs=int(request.top_logprobs or 0),
-            adapter=self._adapters.get(request.model, "__base__"),
+            adapter=request.model if self.loras and request.model in self.loras.names else BASE,
         )
 
     def _choice_trie(self, choices: list[str]) -> dict:
@@ -459,15 +445,15 @@ class LocalBackend:
         for job in group:
             reused, prefix = self._prefixes.lookup(job.prompt_ids, job.adapter)  # KV depends on the adapter
             ids = torch.tensor([job.prompt_ids[reused:]], dtype=torch.long, device=self.device)
-            out = self.model(
-                input_ids=ids,
-                attention_mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long, device=self.device),
-                position_ids=torch.arange(reused, len(job.prompt_ids), device=self.device).unsqueeze(0),
-                cache=prefix,
-                use_cache=True,
-                logits_to_keep=1,
-                **self._adapter_kwargs([job]),
-            )
+            with self._rows([job]):
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=torch.ones((1, len(job.prompt_ids)), dtype=torch.long, device=self.device),
+                    position_ids=torch.arange(reused, len(job.prompt_ids), device=self.device).unsqueeze(0),
+                    cache=prefix,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             self.stats.prefill_tokens += len(job.prompt_ids) - reused
             self.stats.reused_tokens += reused
             self._prefixes.add(job.prompt_ids, out.cache, job.adapter)
@@ -494,24 +480,24 @@ class LocalBackend:
         positions = torch.tensor([[job.next_pos] for job in rows], dtype=torch.long, device=self.device)
         ones = torch.ones((len(rows), 1), dtype=torch.long, device=self.device)
         state["mask"] = torch.cat([state["mask"], ones], dim=1)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=state["mask"],
-            position_ids=positions,
-            cache=state["cache"],
-            use_cache=True,
-            logits_to_keep=1,
-            **self._adapter_kwargs(rows),
-        )
+        with self._rows(rows):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=state["mask"],
+                position_ids=positions,
+                cache=state["cache"],
+                use_cache=True,
+                logits_to_keep=1,
+            )
         state["cache"] = out.cache
         for job in rows:
             job.next_pos += 1
         self._advance(out.logits[:, -1, :], rows, state, only_from=0)
         self.stats.decode_s += time.perf_counter() - started
 
-    def _adapter_kwargs(self, jobs: list[_Job]) -> dict:
-        """PEFT's per-row adapters when several are served (each row's LoRA applies to its own sub-batch only)."""
-        return {"adapter_names": [job.adapter for job in jobs]} if self._adapters else {}
+    def _rows(self, jobs: list[_Job]):
+        """Each row's own adapter during the forward that follows (nothing to choose without `adapters`)."""
+        return self.loras.rows([job.adapter for job in jobs]) if self.loras else contextlib.nullcontext()
 
     def _advance(self, logits: torch.Tensor, rows: list[_Job], state: dict, only_from: int) -> None:
         """Sample one token for rows[only_from:], finish the ones that are done, and drop them from the batch."""
@@ -609,7 +595,7 @@ class _PrefixStore:
         self.entries: OrderedDict[tuple[str, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.tokens = 0
 
-    def lookup(self, ids: list[int], adapter: str = "__base__") -> tuple[int, DynamicCache | None]:
+    def lookup(self, ids: list[int], adapter: str = BASE) -> tuple[int, DynamicCache | None]:
         """(tokens reused, a cache holding their KV) for the kept prompt sharing the longest prefix with `ids`."""
         best, best_key = 0, None
         for key in self.entries:
@@ -625,7 +611,7 @@ class _PrefixStore:
         kv = self.entries[best_key]
         return best, DynamicCache(ddp_cache_data=[(k[:, :, :best], v[:, :, :best]) for k, v in kv])
 
-    def add(self, ids: list[int], cache, adapter: str = "__base__") -> None:
+    def add(self, ids: list[int], cache, adapter: str = BASE) -> None:
         if self.max_tokens <= 0 or len(ids) > self.max_tokens:
             return
         if any(type(layer) is not DynamicLayer for layer in cache.layers):  # sliding windows: KV is not a prefix
