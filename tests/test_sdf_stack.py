@@ -183,6 +183,9 @@ def test_local_backend_serves_base_first_and_stacked_side_by_side(stack):
             return [c.text for c in await asyncio.gather(*(b.complete(r) for r in rs))]
 
         together = asyncio.run(answer(backend, requests("v2") + requests("anything") + requests("v1.5")))
+        # Each reply names the model that wrote it: the adapter's served name, else the base's.
+        assert [backend.complete_sync(r).model for r in (requests("v2")[0], requests("anything")[0])] == [
+            "v2", backend.model_name]
     alone = []
     for adapter, model in ((stack["v2"], "v2"), (None, "anything"), (stack["first"], "v1.5")):
         with LocalBackend(stack["base"], adapter=adapter, dtype="float32", batch_size=2) as b:

@@ -572,7 +572,7 @@ class LocalBackend:
             finish_reason=reason,
             prompt_tokens=len(job.prompt_ids),
             completion_tokens=len(job.generated),  # every token generated, the one that ended it included
-            model=self.model_name,
+            model=self.model_name if job.adapter == BASE else job.adapter,  # the served name, as vLLM reports it
             top_logprobs=job.logprobs if job.top_logprobs else None,
             stop_string=which,
         )
