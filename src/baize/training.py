@@ -4,14 +4,17 @@ The whole path, top to bottom (alpaca-lora's `finetune.py`, with what the CPU ta
 
 1. `load_splits`: the `train`/`val` datasets written by the tokenize stage (`input_ids`, `labels`, `length`).
 2. `load_base_model`: the frozen base, quantized to int8 by bitsandbytes (or kept bf16/fp32), prepared for
-   k-bit training; `add_lora` puts rank-8 adapters on q, k, v, gate, up and down (the paper's settings).
+   k-bit training, its tied embeddings / lm_head stored in bf16 (upcast at use: fp32 compute stays fp32), nothing
+   left mapped from the fp32 safetensors file, glibc's freed heap returned to the OS (see `limit_heap_retention`);
+   `add_lora` puts rank-8 adapters on q, k, v, gate, up and down (the paper's settings).
 3. `BaizeTrainer` (the transformers Trainer) with:
    - length-grouped batches and padding only to the longest sample of each batch (`pad_batch`), instead of
      padding every sample to 512: on the self-chat length distribution most of a 512-pad batch is padding, and
      attention costs grow with the square of the padded length;
    - a loss that projects onto the 49k-token vocabulary only the positions that are trained
-     (`labels != -100`): the fp32 logits of every position, their softmax and gradient are the largest
-     temporaries of a small model's step;
+     (`labels != -100`), a chunk of them at a time with the gradient in the same pass (`head_cross_entropy`):
+     the fp32 logits of every position, their softmax and gradient are the largest temporaries of a small
+     model's step;
    - a token budget per forward pass (`max_batch_tokens`): a longer micro-batch runs in chunks whose gradients
      add up to the same step, so the longest transcripts do not set the peak memory;
    - bf16 autocast where the hardware computes bf16 natively (`mixed_precision: auto`; AMX CPUs included):
@@ -36,6 +39,7 @@ import contextlib
 import ctypes
 import csv
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -184,6 +188,38 @@ def hidden_only(head):
         head.hidden_only = False
 
 
+def _own_storage(model) -> None:
+    """Copy into the process's memory the weights that still point into the safetensors file (the fp32 norms, kept
+    as zero-copy views of the mapped file): any one of them keeps the whole file mapped, and every page the
+    int8 quantization read of it stays in the RSS (the size of the fp32 model)."""
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            for _, tensor in tensors:
+                if tensor is not None and tensor.dtype != torch.int8:
+                    tensor.data = tensor.data.clone()
+
+
+# glibc's malloc serves a freed-then-reallocated large block from its heap once it has raised its mmap threshold
+# (dynamically, up to 32 MiB), and a training step's activations of varying sizes (chunks re-padded to their own
+# longest row) then fragment that heap: the peak RSS was ~0.5 GB above the live tensors at a 512-token budget.
+# A fixed threshold gives every tensor above it its own mapping, returned to the OS when freed.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> None:
+    """Allocations of `threshold` bytes or more get their own mapping (glibc `mallopt(M_MMAP_THRESHOLD)`, which
+    also stops glibc raising the threshold); a no-op off glibc, or when the environment tunes it already
+    (MALLOC_MMAP_THRESHOLD_). Process-wide; set before the model is loaded."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # musl has no mallopt
+        pass
+
+
 def release_free_memory() -> None:
     """Give the heap's free pages back to the OS (glibc `malloc_trim`); a no-op elsewhere.
 
@@ -215,6 +251,7 @@ def load_base_model(
     if not (model_dir / "config.json").is_file():
         raise InputError(model_dir, None, "no config.json: not a Hugging Face model folder (run the base_model stage)")
     hardware.check_remote_code(model_dir)
+    limit_heap_retention()
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if precision == "int8":
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32)
@@ -236,10 +273,12 @@ def load_base_model(
         embeddings = model.get_input_embeddings()
         embeddings.to(torch.float16 if mixed_precision == "fp16" else torch.bfloat16)  # lm_head shares it
         embeddings.register_forward_hook(_upcast_output)
+        _own_storage(model)  # after which the mapped file is closed (the fp32 weights were only read to quantize)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
     install_head(model)
+    gc.collect()
     release_free_memory()
     return model
 
@@ -413,8 +452,6 @@ class BaizeTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         budget = 0 if self.is_deepspeed_enabled else self.max_batch_tokens  # DeepSpeed owns its backward passes
         chunks = split_by_tokens(inputs, budget) if num_items_in_batch is not None else [inputs]
-        if len(chunks) == 1:
-            return super().training_step(model, inputs, num_items_in_batch)
         total = None
         for i, chunk in enumerate(chunks):
             # Under DDP only the last chunk may all-reduce (the Trainer already holds back earlier micro-batches).
