@@ -9,16 +9,20 @@ accumulation (same effective batch), a few optimizer steps each:
   fp32 compute (Baize's `fp16=True` needs a GPU); `reference-bf16`: the same with bf16 autocast, the CPU's
   counterpart of that fp16 autocast and the same mixed precision as ours (the fair comparison where the CPU
   has native bf16);
-- `ours`: the train stage's defaults (baize.training): length-grouped batches padded to their longest sample,
-  AI-only labels (tokenize default), logits only at trained positions, a token budget per forward pass
-  (`max_batch_tokens` 512, as the default params.yaml), mixed precision `auto`; `ours-fp32`, `ours-gc`
-  (gradient checkpointing) and `ours-no-budget` change one setting each, and `ours+key=value` any train param;
+- `ours`: the train stage (baize.training) with the `train:` section of the repository's params.yaml as it is
+  (precision, LoRA, learning rate, `max_batch_tokens`, `mixed_precision`, `gradient_checkpointing`, ...); only
+  the micro-batch, the accumulation and the steps come from this script's arguments (whose defaults are
+  params.yaml's too). That is: length-grouped batches padded to their longest sample, AI-only labels (tokenize
+  default), lm_head and cross-entropy only at trained positions and in chunks of them, a token budget per
+  forward pass, the tied embeddings stored in bf16 on the int8 base. `ours-fp32` (mixed precision `no`),
+  `ours-bf16`, `ours-gc` (gradient checkpointing) and `ours-no-budget` change one setting each, and
+  `ours+key=value` any train param (quote strings YAML reads otherwise: `ours+mixed_precision="'no'"`);
 - `trl`: TRL's `SFTTrainer` (pip install -e '.[bench]'), set up as TRL's documentation does LoRA on a quantized
   base: the model path with `quantization_config=BitsAndBytesConfig(load_in_8bit=True)` and `peft_config` (the
   same LoRA: r, alpha, dropout, target modules) given to the trainer; the same transcripts as a conversational
   `messages` dataset rendered by the Baize chat template (baize.chat_template) with `assistant_only_loss=True`
   (the same input_ids and labels as ours, checked per run and printed); the same micro-batch, accumulation,
-  steps, learning rate and autocast dtype as `ours` (SFTConfig's own default is bf16=True). Otherwise SFTConfig's
+  steps, learning rate, seed and autocast dtype as `ours` (params.yaml's; SFTConfig's own default is bf16=True). Otherwise SFTConfig's
   defaults, which include gradient checkpointing; `trl-no-gc` turns that off (as `ours` runs), and
   `trl+key=value` changes any SFTConfig field. TRL's speed and memory options on the CPU:
   - used: `padding_free=True`: each micro-batch is flattened into one row with per-sample position ids and no
@@ -35,9 +39,11 @@ accumulation (same effective batch), a few optimizer steps each:
     out of the loss: a false positive (it looks for an added special token; Baize's stop marker `[|Human|]` is
     plain text inside the {% generation %} span, see tests/test_chat_template.py).
 
-Each variant runs in its own subprocess so its peak RSS (ru_maxrss) is its own. Throughput counts the real
+Each variant runs in its own subprocess so its peak RSS (ru_maxrss) is its own; torch's thread count is its
+default (the physical cores) unless OMP_NUM_THREADS is set, the same for every variant. Throughput counts the real
 (non-padding) tokens of the samples that went through a training step, per second, over the steps after the
-first (warm-up) one. Also: int8 vs fp32 `get_memory_footprint()` of the base.
+first (warm-up) one. Also: int8 vs fp32 `get_memory_footprint()` of the base (issue 15's target: the int8 base as
+trained at most 0.35x the fp32 one, with fp32 compute too).
 
     python benchmarks/train_throughput.py                 # models/base, synthetic self-chat transcripts
     python benchmarks/train_throughput.py --model DIR --steps 4 --variants reference,ours,ours-gc
@@ -129,14 +135,31 @@ def messages(turns) -> list[dict[str, str]]:
 
 
 VARIANTS = {
-    # name: (reference recipe?, TrainParams overrides)
+    # name: (reference recipe?, changes to params.yaml's train section)
     "reference": (True, {"mixed_precision": "no"}),  # Baize's finetune.py as it runs on a CPU (fp16=True needs CUDA)
     "reference-bf16": (True, {"mixed_precision": "bf16"}),  # its fp16 autocast, as bf16 (the CPU's half type)
-    "ours": (False, {"max_batch_tokens": 512}),  # the train stage as the default params.yaml runs it on a CPU
-    "ours-fp32": (False, {"max_batch_tokens": 512, "mixed_precision": "no"}),
-    "ours-gc": (False, {"max_batch_tokens": 512, "gradient_checkpointing": True}),
+    "ours": (False, {}),  # the train stage as the default params.yaml runs it
+    "ours-fp32": (False, {"mixed_precision": "no"}),
+    "ours-bf16": (False, {"mixed_precision": "bf16"}),
+    "ours-gc": (False, {"gradient_checkpointing": True}),
     "ours-no-budget": (False, {"max_batch_tokens": 0}),
 }
+
+
+def default_params(micro: int | None = None, accum: int | None = None, steps: int | None = None, **changes):
+    """params.yaml's `train:` section (the repository's), with the benchmark's micro-batch, accumulation and steps
+    (None: params.yaml's), no warm-up (a few steps), no checkpoints or val passes, then `changes`."""
+    from baize.config import TrainParams, load_sections
+
+    (train,) = load_sections("train", path=ROOT / "params.yaml")
+    values = train.model_dump()
+    micro = micro or train.micro_batch_size
+    accum = accum or train.gradient_accumulation_steps(1)
+    values.update(batch_size=micro * accum, micro_batch_size=micro, num_processes=1, warmup_steps=0,
+                  save_steps=10**6, eval_steps=10**6, eval_val=False)
+    if steps is not None:
+        values["max_steps"] = steps
+    return TrainParams(**{**values, **changes})
 
 # TRL's SFTTrainer, configured as TRL's documentation recommends for LoRA on a k-bit base (see trl_worker); the
 # `+key=value` changes of these are SFTConfig fields: `trl+gradient_checkpointing=false`.
@@ -168,7 +191,6 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
     from transformers import Trainer, TrainerCallback
 
     from baize import hardware, training
-    from baize.config import TrainParams
 
     torch.manual_seed(0)
     ds = load_from_disk(str(data))
@@ -176,13 +198,13 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
     if reference:  # whole-text loss
         ds = ds.remove_columns("labels").rename_column("labels_all", "labels")
         overrides = {"gradient_checkpointing": False, "max_batch_tokens": 0, **overrides}
-    params = TrainParams(batch_size=micro * accum, micro_batch_size=micro, max_steps=steps,
-                         warmup_steps=0, save_steps=10**6, eval_steps=10**6, **overrides)
+    params = default_params(micro, accum, steps, **overrides)
     mixed = hardware.resolve_mixed_precision(params.mixed_precision)
     tokenizer = training.load_tokenizer(Path("/nonexistent"), model_dir)
-    # The reference keeps every non-int8 weight in fp32, as peft's k-bit preparation leaves it.
-    model = training.add_lora(training.load_base_model(
-        model_dir, "int8", params.gradient_checkpointing, "no" if reference else mixed), params)
+    base = training.load_base_model(model_dir, "int8", params.gradient_checkpointing, "no" if reference else mixed)
+    if reference:  # every non-int8 weight in fp32, as peft's k-bit preparation leaves it (ours: bf16 embeddings)
+        base.get_input_embeddings().float()
+    model = training.add_lora(base, params)
     base_cls = Trainer if reference else training.BaizeTrainer
     extra = {} if reference else {"max_batch_tokens": params.max_batch_tokens}
 
@@ -263,7 +285,6 @@ def trl_worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int
 
     from baize import hardware
     from baize.chat_template import set_baize_chat_template
-    from baize.config import TrainParams
 
     base, *changes = variant.split("+")
     overrides = dict(TRL_VARIANTS[base])
@@ -273,8 +294,9 @@ def trl_worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int
     torch.manual_seed(0)
     rows = load_from_disk(str(data))
     ds = rows.select_columns(["messages"])
-    # the same train params as `ours` (whose non-default knobs, like max_batch_tokens, have no TRL counterpart)
-    params = TrainParams(batch_size=micro * accum, micro_batch_size=micro, max_steps=steps, warmup_steps=0)
+    # the same train params as `ours` (whose own knobs, like max_batch_tokens, have no TRL counterpart)
+    params = default_params(micro, accum, steps)
+    micro, accum = params.micro_batch_size, params.gradient_accumulation_steps(1)
     mixed = hardware.resolve_mixed_precision(params.mixed_precision)  # the same compute dtype as `ours`
     tokenizer = set_baize_chat_template(AutoTokenizer.from_pretrained(str(model_dir)))
     config = dict(
@@ -376,8 +398,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ROOT / "models/base")
     ap.add_argument("--samples", type=int, default=96, help="synthetic transcripts (the sampler draws from them)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per variant; the first is warm-up")
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, help="default: params.yaml's train.micro_batch_size")
+    ap.add_argument("--grad-accum", type=int,
+                    help="default: params.yaml's batch_size / micro_batch_size (one process)")
     ap.add_argument("--variants", default="reference,reference-bf16,ours,trl,trl-no-gc",
                     help=f"comma-separated, of: {', '.join([*VARIANTS, *TRL_VARIANTS])}; +key=value changes a train "
                     "param (an SFTConfig field for trl*)")
@@ -385,6 +408,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.micro_batch is None or a.grad_accum is None:
+        defaults = default_params(a.micro_batch, a.grad_accum)
+        a.micro_batch, a.grad_accum = defaults.micro_batch_size, defaults.gradient_accumulation_steps(1)
 
     if a.worker:
         res = footprint(a.model) if a.worker == "footprint" else worker(

@@ -250,19 +250,91 @@ def test_mixed_precision_auto_resolves_to_what_the_machine_computes():
 
 
 @pytest.mark.slow
-def test_int8_base_under_bf16_stores_embeddings_in_bf16_and_keeps_the_residual_stream_fp32(tiny_project):
+def test_int8_base_stores_embeddings_in_bf16_and_keeps_the_residual_stream_fp32(tiny_project):
     model_dir = tiny_project / "models/base"
-    full = training.load_base_model(model_dir, "int8", mixed_precision="no")
-    half = training.load_base_model(model_dir, "int8", mixed_precision="bf16")
-    embeddings = half.get_input_embeddings()
-    assert embeddings.weight.dtype == torch.bfloat16
-    assert half.get_output_embeddings().weight is embeddings.weight  # tied: lm_head is stored once, in bf16
-    assert all(p.dtype == torch.float32 for n, p in half.named_parameters() if "norm" in n)
-    assert embeddings(torch.tensor([[1, 2, 3]])).dtype == torch.float32
-    assert half.get_memory_footprint() < full.get_memory_footprint()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = half(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
-    assert torch.isfinite(out.loss)
+    for mixed in ("no", "bf16"):  # with fp32 compute too: only the storage is bf16
+        model = training.load_base_model(model_dir, "int8", mixed_precision=mixed)
+        embeddings = model.get_input_embeddings()
+        assert embeddings.weight.dtype == torch.bfloat16
+        assert model.get_output_embeddings().weight is embeddings.weight  # tied: lm_head is stored once, in bf16
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "norm" in n)
+        assert embeddings(torch.tensor([[1, 2, 3]])).dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed == "bf16"):
+            out = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+        assert torch.isfinite(out.loss)
+        if mixed == "no":
+            assert out.logits.dtype == torch.float32
+
+
+def test_lm_head_computes_fp32_logits_from_its_bf16_stored_weight():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    head.weight.data = head.weight.data.bfloat16()
+    training.install_head(_Wrapper(head))
+    hidden = torch.randn(3, 5, 16)
+    logits = head(hidden)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(hidden, head.weight.float()))
+    with training.hidden_only(head):
+        assert head(hidden) is hidden
+    assert not head.hidden_only
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_cross_entropy_equals_the_whole_logits_loss_and_gradients(weight_dtype):
+    """The fused lm_head + cross-entropy over chunks of positions: the same summed loss and the same gradients
+    (of the hidden states and, when it is trained, of the weight) as fp32 logits of every position at once."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 24).to(weight_dtype)
+    hidden = torch.randn(70, 24, requires_grad=True)
+    targets = torch.randint(0, 300, (70,))
+    reference = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(hidden, weight.float()), targets, reduction="sum"
+    )
+    (ref_grad,) = torch.autograd.grad(reference / 13, hidden)
+    for rows in (1, 16, 70, 512):  # chunks of one row, uneven chunks, one chunk, fewer rows than a chunk
+        loss = training.head_cross_entropy(hidden, weight, targets, rows=rows)
+        (grad,) = torch.autograd.grad(loss / 13, hidden)  # normalized after, as compute_loss does
+        assert torch.allclose(loss, reference, rtol=1e-5)
+        assert torch.allclose(grad, ref_grad, atol=1e-6)
+    trained = weight.float().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, trained), targets, reduction="sum")
+    ref_grads = torch.autograd.grad(reference, [hidden, trained])
+    grads = torch.autograd.grad(training.head_cross_entropy(hidden, trained, targets, rows=16), [hidden, trained])
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(training.head_cross_entropy(hidden, weight, targets, rows=16), reference, rtol=1e-5)
+    empty = hidden[:0]
+    assert training.head_cross_entropy(empty, weight, targets[:0]).item() == 0.0
+
+
+@pytest.mark.slow
+def test_int8_base_as_trained_with_fp32_compute_is_at_most_035x_the_fp32_footprint(tmp_path):
+    """Issue 15: the int8 base as the train stage holds it, without bf16 compute, <= 0.35x its fp32 footprint. A
+    random LLaMA with SmolLM2-135M's proportions (30 layers, the same ratios of vocabulary, hidden, MLP and kv
+    sizes, tied embeddings), scaled down 8x in width so the test takes seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=6144, hidden_size=72, intermediate_size=192, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    fp32 = LlamaForCausalLM(config)
+    fp32.save_pretrained(tmp_path, safe_serialization=True)
+    int8 = training.load_base_model(tmp_path, "int8", mixed_precision="no")
+    ratio = int8.get_memory_footprint() / fp32.get_memory_footprint()
+    assert ratio <= 0.35, ratio
 
 
 # --------------------------------------------------------------------------- the stage

@@ -373,7 +373,8 @@ class TrainParams(Section):
     """Compute dtype of the forward/backward matmuls (autocast; adapters, norms, loss and optimizer stay fp32).
     `auto`: bf16 where the hardware computes it natively (CUDA with bf16; CPUs with AMX or AVX512-BF16), fp16 on
     older GPUs (the paper's `fp16=True`), else `no` (fp32). The value used is recorded in the metrics. With an int8
-    base under bf16/fp16 the input embeddings (tied to lm_head) are stored in that dtype too: half their memory."""
+    base the input embeddings (tied to lm_head) are stored in bf16 whatever this is (fp16 under fp16), half their
+    memory, and upcast where they are used, so with `no` the compute stays fp32."""
     max_batch_tokens: int = Field(0, ge=0)
     """Padded tokens per forward pass: a micro-batch with more (rows x its longest sample) runs as several
     smaller chunks whose gradients add up to exactly the same step, so peak memory is set by this budget, not by

@@ -4,14 +4,17 @@ The whole path, top to bottom (alpaca-lora's `finetune.py`, with what the CPU ta
 
 1. `load_splits`: the `train`/`val` datasets written by the tokenize stage (`input_ids`, `labels`, `length`).
 2. `load_base_model`: the frozen base, quantized to int8 by bitsandbytes (or kept bf16/fp32), prepared for
-   k-bit training; `add_lora` puts rank-8 adapters on q, k, v, gate, up and down (the paper's settings).
+   k-bit training, its tied embeddings / lm_head stored in bf16 (upcast at use: fp32 compute stays fp32), nothing
+   left mapped from the fp32 safetensors file, glibc's freed heap returned to the OS (see `limit_heap_retention`);
+   `add_lora` puts rank-8 adapters on q, k, v, gate, up and down (the paper's settings).
 3. `BaizeTrainer` (the transformers Trainer) with:
    - length-grouped batches and padding only to the longest sample of each batch (`pad_batch`), instead of
      padding every sample to 512: on the self-chat length distribution most of a 512-pad batch is padding, and
      attention costs grow with the square of the padded length;
    - a loss that projects onto the 49k-token vocabulary only the positions that are trained
-     (`labels != -100`): the fp32 logits of every position, their softmax and gradient are the largest
-     temporaries of a small model's step;
+     (`labels != -100`), a chunk of them at a time with the gradient in the same pass (`head_cross_entropy`):
+     the fp32 logits of every position, their softmax and gradient are the largest temporaries of a small
+     model's step;
    - a token budget per forward pass (`max_batch_tokens`): a longer micro-batch runs in chunks whose gradients
      add up to the same step, so the longest transcripts do not set the peak memory;
    - bf16 autocast where the hardware computes bf16 natively (`mixed_precision: auto`; AMX CPUs included):
@@ -36,6 +39,7 @@ import contextlib
 import ctypes
 import csv
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -155,6 +159,80 @@ def _upcast_output(module, args, output):
     return output.float()
 
 
+def _head_forward(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """lm_head's forward: the hidden states themselves while `compute_loss` projects them (`hidden_only`), else the
+    logits, with a weight stored in a lower dtype (bf16 with an int8 base) upcast to the hidden states' dtype, so
+    outside autocast the logits are computed in fp32 (a CPU without bf16 has no fast bf16 matmul)."""
+    if getattr(head, "hidden_only", False):
+        return hidden
+    weight = head.weight
+    if not torch.is_autocast_enabled(hidden.device.type):
+        weight = weight.to(hidden.dtype)
+    return F.linear(hidden, weight, head.bias)
+
+
+def install_head(model) -> None:
+    """Give the model's lm_head `_head_forward` (it stays the same nn.Linear, its weight still tied)."""
+    head = model.get_output_embeddings()
+    head.hidden_only = False
+    head.forward = functools.partial(_head_forward, head)
+
+
+@contextlib.contextmanager
+def hidden_only(head):
+    """Within: lm_head returns its input, so `model(..., logits_to_keep=mask)` gives the kept hidden states."""
+    head.hidden_only = True
+    try:
+        yield
+    finally:
+        head.hidden_only = False
+
+
+def _own_storage(model) -> None:
+    """Copy into the process's memory the weights that still point into the safetensors file (the fp32 norms, kept
+    as zero-copy views of the mapped file): any one of them keeps the whole file mapped, and every page the
+    int8 quantization read of it stays in the RSS (the size of the fp32 model)."""
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            for _, tensor in tensors:
+                if tensor is not None and tensor.dtype != torch.int8:
+                    tensor.data = tensor.data.clone()
+
+
+# glibc's malloc serves a freed-then-reallocated large block from its heap once it has raised its mmap threshold
+# (dynamically, up to 32 MiB), and a training step's activations of varying sizes (chunks re-padded to their own
+# longest row) then fragment that heap: the peak RSS was ~0.5 GB above the live tensors at a 512-token budget.
+# A fixed threshold gives every tensor above it its own mapping, returned to the OS when freed.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> None:
+    """Allocations of `threshold` bytes or more get their own mapping (glibc `mallopt(M_MMAP_THRESHOLD)`, which
+    also stops glibc raising the threshold); a no-op off glibc, or when the environment tunes it already
+    (MALLOC_MMAP_THRESHOLD_). Process-wide; set before the model is loaded."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # musl has no mallopt
+        pass
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`); a no-op elsewhere.
+
+    Loading the int8 base reads fp32 weights and quantizes them: the freed fp32 blocks stay in glibc's heap (and in
+    the RSS) until trimmed."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # musl has no malloc_trim
+        pass
+
+
 def load_base_model(
     model_dir: str | os.PathLike, precision: str, gradient_checkpointing: bool = False, mixed_precision: str = "no"
 ):
@@ -162,8 +240,10 @@ def load_base_model(
 
     `mixed_precision` (resolved: bf16/fp16/no) is the autocast dtype training will use. With an int8 base the
     other weights are fp32 (peft's k-bit preparation), except the input embeddings (tied to lm_head, a fifth of a
-    small model): under autocast every matmul reads them in the low dtype anyway, so they are stored in it, and
-    their output is cast back to fp32 so the residual stream stays fp32 as in the all-fp32 recipe.
+    small model), stored in bf16 (fp16 under fp16 autocast): their output is cast back to fp32, so the residual
+    stream stays fp32 as in the all-fp32 recipe, and lm_head upcasts the weight (`_head_forward`; the fused loss,
+    `head_cross_entropy`, does it too), so without autocast the compute stays fp32 and only the storage is
+    rounded to bf16 (the weights are not bf16-exact: losses move in the 3rd-4th digit).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -171,6 +251,7 @@ def load_base_model(
     if not (model_dir / "config.json").is_file():
         raise InputError(model_dir, None, "no config.json: not a Hugging Face model folder (run the base_model stage)")
     hardware.check_remote_code(model_dir)
+    limit_heap_retention()
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if precision == "int8":
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32)
@@ -189,16 +270,17 @@ def load_base_model(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
-        if mixed_precision in ("bf16", "fp16"):
-            embeddings = model.get_input_embeddings()
-            embeddings.to(torch.bfloat16 if mixed_precision == "bf16" else torch.float16)  # lm_head shares it
-            embeddings.register_forward_hook(_upcast_output)
+        embeddings = model.get_input_embeddings()
+        embeddings.to(torch.float16 if mixed_precision == "fp16" else torch.bfloat16)  # lm_head shares it
+        embeddings.register_forward_hook(_upcast_output)
+        _own_storage(model)  # after which the mapped file is closed (the fp32 weights were only read to quantize)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
+    install_head(model)
+    gc.collect()
+    release_free_memory()
     return model
-
-
 
 
 def activate_stack(model) -> None:
@@ -269,6 +351,65 @@ def warmup_linear_factor(step: int, warmup_steps: int, total_steps: int) -> floa
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+LOSS_CHUNK_ROWS = 256  # trained positions projected onto the vocabulary at a time (256 x 49k fp32: 48 MiB)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(hidden_i @ weight.T, target_i), `rows` positions at a time, with the gradient computed in
+    the same pass: the [positions, vocab] logits and their gradient never exist whole, and nothing is recomputed
+    in the backward pass (what the GPU kernels of Liger and cut-cross-entropy do, in plain torch for the CPU)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, compute_dtype):
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(compute_dtype)  # one upcast of a bf16-stored weight per call, not per chunk
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start : start + rows].to(compute_dtype)
+            t = targets[start : start + rows]
+            logits = F.linear(h, w).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if needs_hidden or needs_weight:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # d loss / d logits
+                d = probs.to(compute_dtype)
+                if needs_hidden:
+                    grad_hidden[start : start + rows] = (d @ w).to(hidden.dtype)
+                if needs_weight:
+                    grad_weight += (d.t() @ h).float()
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def head_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int = LOSS_CHUNK_ROWS
+) -> torch.Tensor:
+    """The summed next-token cross-entropy of `hidden` ([positions, hidden]) projected by lm_head's `weight`
+    ([vocab, hidden]), equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` with
+    the projection in the autocast dtype under autocast, else in the hidden states' dtype (fp32, the weight upcast
+    from its bf16 storage), in chunks of `rows` positions (see `_HeadCrossEntropy`)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # no trained position: a zero loss still connected to the graph
+    with torch.autocast(device, enabled=False):
+        return _HeadCrossEntropy.apply(hidden, weight, targets, rows, dtype)
+
+
 class BaizeTrainer(Trainer):
     """The Trainer with a loss over trained positions only, a token budget per forward pass and a hard stop on a
     NaN/inf loss.
@@ -311,8 +452,6 @@ class BaizeTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         budget = 0 if self.is_deepspeed_enabled else self.max_batch_tokens  # DeepSpeed owns its backward passes
         chunks = split_by_tokens(inputs, budget) if num_items_in_batch is not None else [inputs]
-        if len(chunks) == 1:
-            return super().training_step(model, inputs, num_items_in_batch)
         total = None
         for i, chunk in enumerate(chunks):
             # Under DDP only the last chunk may all-reduce (the Trainer already holds back earlier micro-batches).
@@ -325,10 +464,17 @@ class BaizeTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         keep = trained_positions(labels)
-        # Only the kept positions go through lm_head: no [batch, seq, 49k] fp32 logits tensor.
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+        # Only the kept positions go through lm_head, and in chunks (`head_cross_entropy`): neither the
+        # [batch, seq, 49k] logits nor the [trained positions, 49k] ones and their gradient exist whole. The model
+        # returns the kept hidden states (lm_head passes them through) in `outputs.logits`.
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with hidden_only(head):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
         targets = labels[:, 1:][keep[:, :-1]]
-        loss_sum = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+        if head.bias is None:
+            loss_sum = head_cross_entropy(outputs.logits, head.weight, targets)
+        else:  # (no LLaMA-family head has a bias)
+            loss_sum = F.cross_entropy(head(outputs.logits).float(), targets, reduction="sum")
         if model.training:
             if not torch.isfinite(loss_sum):
                 raise LossDivergedError(
