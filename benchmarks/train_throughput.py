@@ -4,8 +4,10 @@ vs TRL's SFTTrainer.
 Same model (models/base or --model), same transcripts, int8 base for both, same micro-batch and gradient
 accumulation (same effective batch), a few optimizer steps each:
 
-- `reference`: every sample padded to 512, loss on the whole text (pad excluded, as DataCollatorForLanguageModeling
-  does), random order, stock Trainer loss over the full [batch, 512, vocab] logits, no gradient checkpointing,
+- `reference`: the base loaded as alpaca-lora does (`from_pretrained(load_in_8bit)` + peft's k-bit preparation,
+  nothing of ours), every sample padded to 512, loss on the whole text (pad excluded, as
+  DataCollatorForLanguageModeling does), random order, stock Trainer loss over the full [batch, 512, vocab]
+  logits, no gradient checkpointing,
   fp32 compute (Baize's `fp16=True` needs a GPU); `reference-bf16`: the same with bf16 autocast, the CPU's
   counterpart of that fp16 autocast and the same mixed precision as ours (the fair comparison where the CPU
   has native bf16);
@@ -15,7 +17,9 @@ accumulation (same effective batch), a few optimizer steps each:
   params.yaml's too). That is: length-grouped batches padded to their longest sample, AI-only labels (tokenize
   default), lm_head and cross-entropy only at trained positions and in chunks of them, a token budget per
   forward pass, the tied embeddings stored in bf16 on the int8 base. `ours-fp32` (mixed precision `no`),
-  `ours-bf16`, `ours-gc` (gradient checkpointing) and `ours-no-budget` change one setting each, and
+  `ours-bf16`, `ours-gc` (gradient checkpointing) and `ours-no-budget` change one setting each,
+  `ours-bnb-matmul` runs the int8 linears through bitsandbytes' own CPU training path (MatMul8bitFp, which
+  keeps every linear's input) instead of ours (`training._FrozenInt8Matmul`), and
   `ours+key=value` any train param (quote strings YAML reads otherwise: `ours+mixed_precision="'no'"`);
 - `trl`: TRL's `SFTTrainer` (pip install -e '.[bench]'), set up as TRL's documentation does LoRA on a quantized
   base: the model path with `quantization_config=BitsAndBytesConfig(load_in_8bit=True)` and `peft_config` (the
@@ -143,6 +147,8 @@ VARIANTS = {
     "ours-bf16": (False, {"mixed_precision": "bf16"}),
     "ours-gc": (False, {"gradient_checkpointing": True}),
     "ours-no-budget": (False, {"max_batch_tokens": 0}),
+    # the same with bitsandbytes' own CPU training matmul (MatMul8bitFp) instead of training._FrozenInt8Matmul
+    "ours-bnb-matmul": (False, {}),
 }
 
 
@@ -201,9 +207,12 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
     params = default_params(micro, accum, steps, **overrides)
     mixed = hardware.resolve_mixed_precision(params.mixed_precision)
     tokenizer = training.load_tokenizer(Path("/nonexistent"), model_dir)
-    base = training.load_base_model(model_dir, "int8", params.gradient_checkpointing, "no" if reference else mixed)
-    if reference:  # every non-int8 weight in fp32, as peft's k-bit preparation leaves it (ours: bf16 embeddings)
-        base.get_input_embeddings().float()
+    if variant.split("+")[0] == "ours-bnb-matmul":
+        training.install_frozen_int8_matmul = lambda model: 0
+    if reference:
+        base = reference_base(model_dir)
+    else:
+        base = training.load_base_model(model_dir, "int8", params.gradient_checkpointing, mixed)
     model = training.add_lora(base, params)
     base_cls = Trainer if reference else training.BaizeTrainer
     extra = {} if reference else {"max_batch_tokens": params.max_batch_tokens}
@@ -248,6 +257,25 @@ def worker(variant: str, data: Path, model_dir: Path, steps: int, micro: int, ac
         Counting.compute_loss = counted
     return {**_timed_train(trainer, marks), "variant": variant, "mixed_precision": mixed,
             "weights_footprint_mb": model.get_memory_footprint() / 2**20}
+
+
+def reference_base(model_dir: Path):
+    """The int8 base as alpaca-lora / Baize's finetune.py load it: `from_pretrained(load_in_8bit=True)` then peft's
+    k-bit preparation (every non-int8 weight fp32), and nothing of ours: no bf16 embeddings, no fused head, no
+    copy of the weights left mapped from the safetensors file, no allocator tuning. Without gradient
+    checkpointing (the reference recipe "with no memory savings", DESIGN.md's training targets)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from baize import hardware
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32,
+        device_map=hardware.int8_device_map(),
+    )
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _timed_train(trainer, marks: list) -> dict:

@@ -266,6 +266,53 @@ def test_int8_base_stores_embeddings_in_bf16_and_keeps_the_residual_stream_fp32(
             assert out.logits.dtype == torch.float32
 
 
+@pytest.mark.slow
+def test_frozen_int8_matmul_is_bitsandbytes_bit_for_bit_and_keeps_no_input(tiny_project):
+    """The CPU training path of the int8 linears (`_FrozenInt8Matmul`): the same loss and LoRA gradients as
+    bitsandbytes' own path to the last bit, without holding each linear's input until the backward pass."""
+    import gc
+    import weakref
+
+    from bitsandbytes.nn import Linear8bitLt
+
+    model = training.add_lora(training.load_base_model(tiny_project / "models/base", "int8"), TrainParams(lora_dropout=0.0))
+    model.train()
+    linears = [m for m in model.modules() if isinstance(m, Linear8bitLt)]
+    assert linears and all("forward" in vars(m) for m in linears)  # installed on every int8 linear
+    rows = _tokenized(training.load_tokenizer(tiny_project / "data/tokenized", tiny_project), _transcripts(3))
+    batch = training.pad_batch(rows, pad_token_id=0)
+    model(**batch)  # the first call sets up bitsandbytes' state (it runs bitsandbytes' path)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours = loss_and_grads()
+    x = torch.randn(2, 5, linears[0].in_features, requires_grad=True)
+    h = x * 2.0
+    kept = weakref.ref(h)
+    out = linears[0](h)
+    del h
+    gc.collect()
+    assert kept() is None  # only the int8 weight is kept for the backward
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+    for m in linears:
+        del m.forward  # bitsandbytes' own forward (MatMul8bitFp on the CPU) again
+    h = x * 2.0
+    kept = weakref.ref(h)
+    out = linears[0](h)  # the graph (and whatever it holds) lives as long as its output
+    del h
+    gc.collect()
+    assert kept() is not None  # what it costs: bitsandbytes keeps every linear's input
+    theirs = loss_and_grads()
+    assert torch.equal(ours[0], theirs[0])
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], theirs[1]))
+
+
 def test_lm_head_computes_fp32_logits_from_its_bf16_stored_weight():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -301,15 +348,17 @@ def test_chunked_head_cross_entropy_equals_the_whole_logits_loss_and_gradients(w
         torch.nn.functional.linear(hidden, weight.float()), targets, reduction="sum"
     )
     (ref_grad,) = torch.autograd.grad(reference / 13, hidden)
-    for rows in (1, 16, 70, 512):  # chunks of one row, uneven chunks, one chunk, fewer rows than a chunk
-        loss = training.head_cross_entropy(hidden, weight, targets, rows=rows)
+    # chunks of one row, uneven chunks, one chunk, fewer rows than a chunk; weight slices uneven, whole
+    for rows, vocab_rows in ((1, 64), (16, 7), (70, 300), (512, 8192)):
+        loss = training.head_cross_entropy(hidden, weight, targets, rows=rows, vocab_rows=vocab_rows)
         (grad,) = torch.autograd.grad(loss / 13, hidden)  # normalized after, as compute_loss does
         assert torch.allclose(loss, reference, rtol=1e-5)
         assert torch.allclose(grad, ref_grad, atol=1e-6)
     trained = weight.float().requires_grad_()
     reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, trained), targets, reduction="sum")
     ref_grads = torch.autograd.grad(reference, [hidden, trained])
-    grads = torch.autograd.grad(training.head_cross_entropy(hidden, trained, targets, rows=16), [hidden, trained])
+    grads = torch.autograd.grad(training.head_cross_entropy(hidden, trained, targets, rows=16, vocab_rows=64),
+                                [hidden, trained])
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-5)
     with torch.no_grad():

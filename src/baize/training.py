@@ -47,6 +47,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 import logging
 from dataclasses import dataclass
@@ -188,15 +189,82 @@ def hidden_only(head):
         head.hidden_only = False
 
 
-def _own_storage(model) -> None:
+class _FrozenInt8Matmul(torch.autograd.Function):
+    """`x @ W.T + bias` for a frozen bitsandbytes int8 weight (W = CB * SCB / 127 per output row) on the CPU.
+
+    bitsandbytes' CPU training path (MatMul8bitFp) keeps every linear's input for a weight gradient that a frozen
+    base never needs: a quarter of a step's activations. Here nothing but the int8 weight is kept, and the weight
+    is dequantized in one pass into a scratch buffer reused by every call of its shape, instead of a fresh fp32
+    copy (then scaled in a second pass) per call. The arithmetic is bitsandbytes', so outputs and gradients are
+    bit for bit the same (tests/test_training.py)."""
+
+    @staticmethod
+    def forward(ctx, x, cb, scale, bias):
+        ctx.save_for_backward(cb, scale)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return F.linear(x, _dequantized(cb, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        cb, scale = ctx.saved_tensors
+        grad_output = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
+        grad_x = torch.matmul(grad_output.to(ctx.x_dtype), _dequantized(cb, scale, ctx.x_dtype))
+        return grad_x.view(ctx.x_shape), None, None, None
+
+
+_SCRATCH = threading.local()  # (shape, dtype, device) -> the buffer a weight of that shape is dequantized into
+
+
+def _dequantized(cb: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """CB * scale in `dtype`, in a per-thread buffer that the next call of that shape overwrites (the result is
+    only read by the one matmul that follows)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (tuple(cb.shape), dtype, cb.device)
+    if key not in buffers:
+        buffers[key] = torch.empty(cb.shape, dtype=dtype, device=cb.device)
+    return torch.mul(cb, scale, out=buffers[key])
+
+
+def _int8_forward(module, original, x: torch.Tensor) -> torch.Tensor:
+    state = module.state
+    if (not module.training or x.device.type != "cpu" or state.CB is None or module.weight.CB is not None
+            or state.has_fp16_weights or module.weight.requires_grad):
+        return original(x)  # the first call (bitsandbytes sets up its state), inference, GPUs: bitsandbytes' own
+    if module.bias is not None and module.bias.dtype != x.dtype:
+        module.bias.data = module.bias.data.to(x.dtype)  # as bitsandbytes does
+    if getattr(module, "_int8_scale", None) is None or module._int8_scale_of is not state.SCB:
+        module._int8_scale = state.SCB.unsqueeze(1).mul(1.0 / 127.0)  # bitsandbytes' factor, computed once
+        module._int8_scale_of = state.SCB
+    return _FrozenInt8Matmul.apply(x, state.CB, module._int8_scale, module.bias)
+
+
+def install_frozen_int8_matmul(model) -> int:
+    """Give each bitsandbytes int8 linear of `model` `_int8_forward` (training on the CPU: `_FrozenInt8Matmul`;
+    anything else: bitsandbytes' forward). Returns how many linears got it."""
+    try:
+        from bitsandbytes.nn import Linear8bitLt
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear8bitLt):
+            module.forward = functools.partial(_int8_forward, module, module.forward)
+            n += 1
+    return n
+
+
+def _own_storage(model, fresh: tuple[torch.Tensor, ...] = ()) -> None:
     """Copy into the process's memory the weights that still point into the safetensors file (the fp32 norms, kept
     as zero-copy views of the mapped file): any one of them keeps the whole file mapped, and every page the
-    int8 quantization read of it stays in the RSS (the size of the fp32 model)."""
+    int8 quantization read of it stays in the RSS (the size of the fp32 model). `fresh`: tensors already copied
+    (the embeddings just converted to bf16), left as they are."""
     with torch.no_grad():
         for module in model.modules():
             tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
             for _, tensor in tensors:
-                if tensor is not None and tensor.dtype != torch.int8:
+                if tensor is not None and tensor.dtype != torch.int8 and not any(tensor is f for f in fresh):
                     tensor.data = tensor.data.clone()
 
 
@@ -273,7 +341,8 @@ def load_base_model(
         embeddings = model.get_input_embeddings()
         embeddings.to(torch.float16 if mixed_precision == "fp16" else torch.bfloat16)  # lm_head shares it
         embeddings.register_forward_hook(_upcast_output)
-        _own_storage(model)  # after which the mapped file is closed (the fp32 weights were only read to quantize)
+        _own_storage(model, fresh=(embeddings.weight,))  # after which the mapped file is closed (the fp32 weights were only read to quantize)
+        install_frozen_int8_matmul(model)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
@@ -352,34 +421,46 @@ def warmup_linear_factor(step: int, warmup_steps: int, total_steps: int) -> floa
 
 
 LOSS_CHUNK_ROWS = 256  # trained positions projected onto the vocabulary at a time (256 x 49k fp32: 48 MiB)
+LOSS_VOCAB_ROWS = 8192  # lm_head rows taken at a time (upcast from bf16 storage: 8192 x 576 fp32 = 18 MiB)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(hidden_i @ weight.T, target_i), `rows` positions at a time, with the gradient computed in
     the same pass: the [positions, vocab] logits and their gradient never exist whole, and nothing is recomputed
-    in the backward pass (what the GPU kernels of Liger and cut-cross-entropy do, in plain torch for the CPU)."""
+    in the backward pass (what the GPU kernels of Liger and cut-cross-entropy do, in plain torch for the CPU).
+    The weight is read `vocab_rows` rows at a time, so one stored in bf16 is never upcast whole: that copy (113 MB
+    for SmolLM2) would sit on top of the step's peak, which is the end of the forward pass, where this runs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, compute_dtype):
+    def forward(ctx, hidden, weight, targets, rows, vocab_rows, compute_dtype):
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(compute_dtype)  # one upcast of a bf16-stored weight per call, not per chunk
+        vocab = weight.shape[0]
+        slices = [slice(v, min(v + vocab_rows, vocab)) for v in range(0, vocab, vocab_rows)]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows].to(compute_dtype)
             t = targets[start : start + rows]
-            logits = F.linear(h, w).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            at = torch.arange(t.shape[0], device=t.device)
+            # Transposed, [vocab, positions]: each slice of the weight fills a contiguous block.
+            logits = torch.empty((vocab, h.shape[0]), dtype=torch.float32, device=hidden.device)
+            for s in slices:
+                logits[s] = weight[s].to(compute_dtype) @ h.t()
+            lse = torch.logsumexp(logits, dim=0)
+            loss += (lse - logits[t, at]).sum()
             if needs_hidden or needs_weight:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # d loss / d logits
-                d = probs.to(compute_dtype)
+                probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                probs[t, at] -= 1.0  # d loss / d logits
+                grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if needs_hidden else None
+                for s in slices:
+                    d = probs[s].to(compute_dtype)
+                    if needs_hidden:
+                        grad_h += d.t() @ weight[s].to(compute_dtype)
+                    if needs_weight:
+                        grad_weight[s] += d @ h
                 if needs_hidden:
-                    grad_hidden[start : start + rows] = (d @ w).to(hidden.dtype)
-                if needs_weight:
-                    grad_weight += (d.t() @ h).float()
+                    grad_hidden[start : start + rows] = grad_h
             del logits
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -392,22 +473,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def head_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int = LOSS_CHUNK_ROWS
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int = LOSS_CHUNK_ROWS,
+    vocab_rows: int = LOSS_VOCAB_ROWS,
 ) -> torch.Tensor:
     """The summed next-token cross-entropy of `hidden` ([positions, hidden]) projected by lm_head's `weight`
     ([vocab, hidden]), equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` with
     the projection in the autocast dtype under autocast, else in the hidden states' dtype (fp32, the weight upcast
-    from its bf16 storage), in chunks of `rows` positions (see `_HeadCrossEntropy`)."""
+    from its bf16 storage), in chunks of `rows` positions and `vocab_rows` rows of the weight (see
+    `_HeadCrossEntropy`)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # no trained position: a zero loss still connected to the graph
     with torch.autocast(device, enabled=False):
-        return _HeadCrossEntropy.apply(hidden, weight, targets, rows, dtype)
+        return _HeadCrossEntropy.apply(hidden, weight, targets, rows, vocab_rows, dtype)
 
 
 class BaizeTrainer(Trainer):
