@@ -199,32 +199,32 @@ class _FrozenInt8Matmul(torch.autograd.Function):
     bit for bit the same (tests/test_training.py)."""
 
     @staticmethod
-    def forward(ctx, x, cb, scale, bias):
-        ctx.save_for_backward(cb, scale)
+    def forward(ctx, x, cb, scb, bias):
+        ctx.save_for_backward(cb, scb)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return F.linear(x, _dequantized(cb, scale, x.dtype), bias)
+        return F.linear(x, _dequantized(cb, scb, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        cb, scale = ctx.saved_tensors
+        cb, scb = ctx.saved_tensors
         grad_output = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
-        grad_x = torch.matmul(grad_output.to(ctx.x_dtype), _dequantized(cb, scale, ctx.x_dtype))
+        grad_x = torch.matmul(grad_output.to(ctx.x_dtype), _dequantized(cb, scb, ctx.x_dtype))
         return grad_x.view(ctx.x_shape), None, None, None
 
 
 _SCRATCH = threading.local()  # (shape, dtype, device) -> the buffer a weight of that shape is dequantized into
 
 
-def _dequantized(cb: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """CB * scale in `dtype`, in a per-thread buffer that the next call of that shape overwrites (the result is
-    only read by the one matmul that follows)."""
+def _dequantized(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """CB * SCB / 127 (bitsandbytes' factor) in `dtype`, in a per-thread buffer that the next call of that shape
+    overwrites (the result is only read by the one matmul that follows)."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (tuple(cb.shape), dtype, cb.device)
     if key not in buffers:
         buffers[key] = torch.empty(cb.shape, dtype=dtype, device=cb.device)
-    return torch.mul(cb, scale, out=buffers[key])
+    return torch.mul(cb, scb.unsqueeze(1).mul(1.0 / 127.0), out=buffers[key])
 
 
 def _int8_forward(module, original, x: torch.Tensor) -> torch.Tensor:
@@ -234,10 +234,7 @@ def _int8_forward(module, original, x: torch.Tensor) -> torch.Tensor:
         return original(x)  # the first call (bitsandbytes sets up its state), inference, GPUs: bitsandbytes' own
     if module.bias is not None and module.bias.dtype != x.dtype:
         module.bias.data = module.bias.data.to(x.dtype)  # as bitsandbytes does
-    if getattr(module, "_int8_scale", None) is None or module._int8_scale_of is not state.SCB:
-        module._int8_scale = state.SCB.unsqueeze(1).mul(1.0 / 127.0)  # bitsandbytes' factor, computed once
-        module._int8_scale_of = state.SCB
-    return _FrozenInt8Matmul.apply(x, state.CB, module._int8_scale, module.bias)
+    return _FrozenInt8Matmul.apply(x, state.CB, state.SCB, module.bias)
 
 
 def install_frozen_int8_matmul(model) -> int:
